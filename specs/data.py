@@ -1,0 +1,48 @@
+"""``data:`` — the text the steps train and evaluate on."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from .base import StrictModel
+
+#: Corpora every Python install has; built on the node, no download.
+BUILTIN_DATASETS = ("python-docs",)
+
+
+class DataSpec(StrictModel):
+    source: str = Field("builtin:python-docs", min_length=1, max_length=4096)
+    """``builtin:NAME``, ``hf:DATASET[/CONFIG]``, or a local path (a .txt/.jsonl file or a folder)."""
+    seq_len: int = Field(128, ge=8, le=131072)
+    """Tokens per training sequence."""
+    eval_fraction: float = Field(0.05, gt=0.0, le=0.5)
+    """Share of the text held out for evaluation (taken from the end)."""
+    max_chars: int | None = Field(None, ge=1000)
+    """Use at most this many characters of the source (default: all)."""
+    text_field: str = Field("text", min_length=1, max_length=128)
+    """The field that holds text in .jsonl files and hub datasets."""
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if "\x00" in v:
+            raise ValueError("contains a NUL byte")
+        if v.startswith("builtin:"):
+            name = v.split(":", 1)[1]
+            if name not in BUILTIN_DATASETS:
+                known = ", ".join(f"builtin:{n}" for n in BUILTIN_DATASETS)
+                raise ValueError(f"unknown builtin dataset {name!r}; known: {known}")
+        elif v.startswith("hf:"):
+            name = v[3:]
+            if not name or not all(part for part in name.split("/")) or name.count("/") > 2:
+                raise ValueError("hf: source must be hf:DATASET or hf:ORG/DATASET[/CONFIG]")
+        return v
+
+    @property
+    def kind(self) -> str:
+        """``builtin``, ``hf`` or ``path``."""
+        if self.source.startswith("builtin:"):
+            return "builtin"
+        if self.source.startswith("hf:"):
+            return "hf"
+        return "path"

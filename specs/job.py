@@ -1,0 +1,160 @@
+"""``JobSpec`` — the whole spec, and the checks that span several sections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from .base import StrictModel
+from .data import DataSpec
+from .model import ModelInit, ModelSpec
+from .resources import BudgetSpec, ResourcesSpec, StorageSpec, Teardown
+from .steps import (
+    STEP_TYPES,
+    DistillStep,
+    EvaluateStep,
+    HpoStep,
+    PruneStep,
+    QuantizeStep,
+    Step,
+    StepBase,
+    TrainStep,
+)
+
+NAME_PATTERN = r"^[a-z][a-z0-9-]{0,39}$"
+#: model.init fields an hpo search may vary.
+HPO_ARCH_FIELDS = ("layers", "hidden", "heads", "intermediate", "activation", "dropout")
+
+
+class PathError(ValueError):
+    """A cross-field error that belongs to one place in the spec (``loc``), so the
+    loader can point at that line instead of the document's top."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+class JobSpec(StrictModel):
+    """One optimization experiment: a model, a pipeline of steps, where to run it, and a budget."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    """Job name: lowercase letters, digits and dashes, starting with a letter (it names the cluster)."""
+    model: ModelSpec
+    """The starting model."""
+    data: DataSpec = Field(default_factory=DataSpec)
+    """The text to train and evaluate on."""
+    steps: list[Step] = Field(min_length=1)
+    """The pipeline, run in order; each step takes the model the previous one produced."""
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    """Hardware to run on."""
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    """Caps on dollars and hours."""
+    teardown: Teardown = "always"
+    """When to release resources: always, on_success, or never."""
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    """Where checkpoints and artifacts go."""
+
+    @property
+    def pipeline(self) -> list[StepBase]:
+        """The step models in order (``TrainStep``, ``PruneStep``, ...)."""
+        return [entry.step for entry in self.steps]
+
+    @model_validator(mode="after")
+    def _chain(self) -> JobSpec:
+        check_pipeline(self)
+        if self.resources.spot is not False and self.resources.cloud not in ("local",):
+            if not self.storage.is_remote:
+                raise PathError(
+                    ("storage", "artifacts"),
+                    "spot cloud runs need storage.artifacts: s3://bucket/prefix, "
+                    "so a relaunched attempt can resume from its checkpoints",
+                )
+        return self
+
+
+def _loc(i: int, kind: str, *rest: str | int) -> tuple[str | int, ...]:
+    return ("steps", i, kind, *rest)
+
+
+def check_pipeline(spec: JobSpec) -> None:
+    """Raise ``PathError`` for the first pair of steps that cannot chain."""
+    arch: ModelInit | None = spec.model.init
+    quantized_at: int | None = None
+    steps = spec.pipeline
+    for i, step in enumerate(steps):
+        if quantized_at is not None and isinstance(step, (TrainStep, DistillStep, HpoStep, PruneStep)):
+            raise PathError(
+                _loc(i, step.kind),
+                f"{step.kind} needs gradients, but steps[{quantized_at}] quantized the model; "
+                "move quantize after it",
+            )
+        if isinstance(step, QuantizeStep) and step.method not in ("fp16", "bf16"):
+            quantized_at = i
+        if isinstance(step, HpoStep):
+            _check_hpo(spec, steps, i, step)
+        if isinstance(step, PruneStep) and step.method == "structured" and arch is not None:
+            kept = arch.heads - int(arch.heads * step.heads_fraction)
+            if kept < 1:
+                raise PathError(_loc(i, "prune", "heads_fraction"), "would remove every attention head")
+            kv = arch.kv_heads or arch.heads
+            arch = arch.model_copy(
+                update={
+                    "heads": kept,
+                    "kv_heads": None if arch.kv_heads is None else max(1, min(kv, kept)),
+                    "intermediate": arch.mlp_width - int(arch.mlp_width * step.mlp_fraction),
+                }
+            )
+        if isinstance(step, DistillStep):
+            arch = _check_student(i, step, arch)
+
+
+def _check_student(i: int, step: DistillStep, teacher: ModelInit | None) -> ModelInit | None:
+    s = step.student
+    if teacher is None:
+        return None
+    for field in ("layers", "hidden", "heads", "intermediate"):
+        mine = getattr(s, field)
+        theirs = teacher.mlp_width if field == "intermediate" else getattr(teacher, field)
+        if mine is not None and mine > theirs:
+            raise PathError(
+                _loc(i, "distill", "student", field),
+                f"student {field} ({mine}) is larger than the teacher's ({theirs})",
+            )
+    if s.hidden is not None and step.init == "teacher_layers" and s.hidden != teacher.hidden:
+        raise PathError(
+            _loc(i, "distill", "init"),
+            "init: teacher_layers copies weights, so the student must keep the teacher's hidden width; "
+            "use init: random",
+        )
+    update: dict[str, Any] = {k: v for k, v in s.model_dump().items() if v is not None}
+    if "hidden" in update and "heads" not in update and update["hidden"] % teacher.heads:
+        raise PathError(_loc(i, "distill", "student", "hidden"), "student hidden must be divisible by heads")
+    try:
+        return ModelInit.model_validate({**teacher.model_dump(), **update})
+    except ValueError as exc:
+        raise PathError(_loc(i, "distill", "student"), f"student is not a valid model: {exc}") from None
+
+
+def _check_hpo(spec: JobSpec, steps: list[StepBase], i: int, step: HpoStep) -> None:
+    nxt = next((s for s in steps[i + 1 :] if not isinstance(s, EvaluateStep)), None)
+    if not isinstance(nxt, (TrainStep, DistillStep)):
+        raise PathError(_loc(i, "hpo"), "hpo tunes the train or distill step after it, and there is none")
+    for key in step.space:
+        parts = key.split(".")
+        where = _loc(i, "hpo", "space", key)
+        if parts[:2] == ["model", "init"] and len(parts) == 3:
+            if spec.model.init is None:
+                raise PathError(where, "model.init.* can only be searched when the model is built from model.init")
+            if parts[2] not in HPO_ARCH_FIELDS:
+                raise PathError(where, f"model.init.{parts[2]} cannot be searched; use one of {', '.join(HPO_ARCH_FIELDS)}")
+            continue
+        if len(parts) == 2 and parts[0] in ("train", "distill"):
+            if parts[0] != nxt.kind:
+                raise PathError(where, f"the step after hpo is {nxt.kind}, not {parts[0]}")
+            fields = STEP_TYPES[parts[0]].model_fields
+            if parts[1] not in fields or parts[1] in ("early_stopping", "student", "betas"):
+                raise PathError(where, f"{parts[0]} has no searchable field {parts[1]!r}")
+            continue
+        raise PathError(where, f"{key!r} names no field; use train.FIELD, distill.FIELD or model.init.FIELD")

@@ -1,0 +1,328 @@
+"""``steps:`` — the pipeline. Each item is a mapping with exactly one key, the step kind.
+
+In YAML a step is ``- train: {max_steps: 300}``; in Python it is the inner model
+(``TrainStep``), reached through ``JobSpec.pipeline``. Every step kind has a
+``kind`` class attribute; ``STEP_TYPES`` maps kinds to classes.
+"""
+
+from __future__ import annotations
+
+import builtins
+import difflib
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import BeforeValidator, Discriminator, Field, Tag, model_validator
+from pydantic_core import PydanticCustomError
+
+from .base import StrictModel
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class EarlyStopping(StrictModel):
+    patience: int = Field(3, ge=1)
+    """Evaluations without improvement before stopping."""
+    min_delta: float = Field(0.0, ge=0.0)
+    """Smallest eval-loss decrease that counts as an improvement."""
+
+
+class StepBase(StrictModel):
+    kind: ClassVar[str] = ""
+    #: True for steps that run an optimizer (they checkpoint and resume mid-step).
+    trains: ClassVar[bool] = False
+
+
+class TrainOptions(StepBase):
+    """Options shared by every step that runs an optimizer loop."""
+
+    max_steps: int = Field(100, ge=1, le=10_000_000)
+    """Optimizer steps."""
+    lr: float = Field(3e-4, gt=0.0, le=10.0)
+    """Peak learning rate."""
+    optimizer: Literal["adamw", "sgd", "rmsprop"] = "adamw"
+    """Optimizer."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """Momentum for sgd and rmsprop."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps."""
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    """Decoupled weight decay."""
+    batch_size: int = Field(8, ge=1, le=65536)
+    """Sequences per micro-batch (per process)."""
+    grad_accum: int = Field(1, ge=1, le=4096)
+    """Micro-batches accumulated per optimizer step."""
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    """Clip the gradient norm to this value (null: no clipping)."""
+    precision: Precision = "fp32"
+    """fp32, or bf16/fp16 autocast."""
+    seed: int = Field(0, ge=0)
+    """Seed for init, data order and dropout: same seed, same result."""
+    eval_every: int | None = Field(None, ge=1)
+    """Evaluate on the eval split every N steps (and at the end)."""
+    eval_batches: int = Field(8, ge=1)
+    """Batches per periodic evaluation."""
+    checkpoint_every: int = Field(50, ge=1)
+    """Write a resumable checkpoint every N steps."""
+    log_every: int = Field(10, ge=1)
+    """Emit a progress event every N steps."""
+    early_stopping: EarlyStopping | None = None
+    """Stop when eval loss stops improving (needs eval_every)."""
+
+    @model_validator(mode="after")
+    def _checks(self) -> TrainOptions:
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        if self.early_stopping is not None and self.eval_every is None:
+            raise ValueError("early_stopping needs eval_every")
+        return self
+
+    def tokens(self, seq_len: int) -> int:
+        return self.max_steps * self.batch_size * self.grad_accum * seq_len
+
+
+class TrainStep(TrainOptions):
+    """Train or fine-tune the current model as a causal LM."""
+
+    kind: ClassVar[str] = "train"
+    trains: ClassVar[bool] = True
+
+
+Metric = Literal["perplexity", "accuracy", "latency", "size", "memory"]
+
+
+class EvaluateStep(StepBase):
+    """Measure the current model: quality, speed and size."""
+
+    kind: ClassVar[str] = "evaluate"
+    metrics: list[Metric] = Field(default_factory=lambda: ["perplexity", "accuracy", "latency", "size"])
+    """Which measurements to take."""
+    batch_size: int = Field(8, ge=1)
+    """Sequences per evaluation batch."""
+    max_batches: int | None = Field(None, ge=1)
+    """Evaluate on at most this many batches (default: the whole eval split)."""
+    latency_repeats: int = Field(5, ge=1, le=1000)
+    """Repeats for latency medians."""
+    generate_tokens: int = Field(32, ge=1, le=4096)
+    """Tokens to generate when timing generation."""
+
+
+class Distribution(StrictModel):
+    """One search dimension; give exactly one key."""
+
+    log_uniform: tuple[float, float] | None = None
+    """Float sampled log-uniformly in [low, high]."""
+    uniform: tuple[float, float] | None = None
+    """Float sampled uniformly in [low, high]."""
+    int: tuple[builtins.int, builtins.int] | None = None
+    """Integer in [low, high]."""
+    choice: list[Any] | None = Field(None, min_length=1)
+    """One of these values."""
+
+    @model_validator(mode="after")
+    def _one(self) -> Distribution:
+        given = [k for k in ("log_uniform", "uniform", "int", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of log_uniform, uniform, int, choice")
+        for key in ("log_uniform", "uniform", "int"):
+            bounds = getattr(self, key)
+            if bounds is not None and not bounds[0] <= bounds[1]:
+                raise ValueError(f"{key}: low {bounds[0]} is above high {bounds[1]}")
+        if self.log_uniform is not None and self.log_uniform[0] <= 0:
+            raise ValueError("log_uniform bounds must be positive")
+        return self
+
+
+class HpoStep(StepBase):
+    """Hyperparameter search over the next train/distill step and model.init fields."""
+
+    kind: ClassVar[str] = "hpo"
+    trials: int = Field(8, ge=1, le=10000)
+    """Trials to run (in total, across resumes)."""
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    """Optuna sampler."""
+    metric: Literal["eval_loss", "perplexity", "accuracy"] = "eval_loss"
+    """What a trial reports."""
+    direction: Literal["minimize", "maximize"] = "minimize"
+    """Whether lower or higher is better."""
+    trial_steps: int = Field(60, ge=1)
+    """Optimizer steps per trial."""
+    pruner: Literal["median", "none"] = "median"
+    """Stop unpromising trials early."""
+    seed: int = Field(0, ge=0)
+    """Sampler seed."""
+    space: dict[str, Distribution] = Field(min_length=1)
+    """Search space: ``train.lr``, ``distill.alpha``, ``model.init.layers``, ..."""
+
+
+class PruneStep(StepBase):
+    """Remove weights (magnitude) or whole neurons and heads (structured)."""
+
+    kind: ClassVar[str] = "prune"
+    trains: ClassVar[bool] = True
+    method: Literal["magnitude", "structured"] = "magnitude"
+    """magnitude: global unstructured L1; structured: drop MLP neurons / attention heads."""
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    """Fraction of Linear weights zeroed (magnitude)."""
+    mlp_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of MLP neurons removed per layer (structured)."""
+    heads_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of attention heads removed per layer (structured)."""
+    recover_steps: int = Field(0, ge=0)
+    """Fine-tune steps after pruning, masks kept."""
+    lr: float = Field(1e-4, gt=0.0)
+    """Learning rate of the recovery fine-tune."""
+    batch_size: int = Field(8, ge=1)
+    """Batch size of the recovery fine-tune."""
+    seed: int = Field(0, ge=0)
+    """Seed of the recovery fine-tune."""
+
+    @model_validator(mode="after")
+    def _checks(self) -> PruneStep:
+        if self.method == "structured" and self.mlp_fraction == 0 and self.heads_fraction == 0:
+            raise ValueError("structured pruning needs mlp_fraction or heads_fraction above 0")
+        return self
+
+
+class StudentSpec(StrictModel):
+    """The student's architecture as changes to the teacher's."""
+
+    layers: int | None = Field(None, ge=1)
+    """Student layers."""
+    hidden: int | None = Field(None, ge=8)
+    """Student width (forces init: random)."""
+    heads: int | None = Field(None, ge=1)
+    """Student heads."""
+    intermediate: int | None = Field(None, ge=8)
+    """Student MLP width."""
+
+
+class DistillStep(TrainOptions):
+    """Distil the current model (teacher) into a smaller student."""
+
+    kind: ClassVar[str] = "distill"
+    trains: ClassVar[bool] = True
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    """How the student differs from the teacher."""
+    init: Literal["teacher_layers", "random"] = "teacher_layers"
+    """Copy every k-th teacher layer into the student, or start from random."""
+    temperature: float = Field(2.0, gt=0.0, le=100.0)
+    """Softmax temperature for the KL term."""
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    """Weight of the KL term; 1 - alpha weighs the hard-label loss."""
+
+
+QuantMethod = Literal["fp16", "bf16", "int8-dynamic", "int8-weight", "int4-weight"]
+
+
+class QuantizeStep(StepBase):
+    """Quantize the current model's weights."""
+
+    kind: ClassVar[str] = "quantize"
+    method: QuantMethod = "int8-dynamic"
+    """fp16/bf16 cast, int8-dynamic (torch), int8-weight/int4-weight (torchao)."""
+    group_size: int = Field(128, ge=16)
+    """Group size for int4-weight."""
+
+
+STEP_TYPES: dict[str, type[StepBase]] = {
+    cls.kind: cls
+    for cls in (TrainStep, EvaluateStep, HpoStep, PruneStep, DistillStep, QuantizeStep)
+}
+
+
+def _entry_kind(value: Any) -> str | None:
+    if isinstance(value, dict) and len(value) == 1:
+        return str(next(iter(value)))
+    return None
+
+
+def _check_entry(value: Any) -> Any:
+    """Before the union: exactly one known key; ``- evaluate:`` (null) means defaults."""
+    if not isinstance(value, dict):
+        raise PydanticCustomError(
+            "step_shape", "a step is a mapping with one key, the step kind, e.g. '- train: {max_steps: 100}'"
+        )
+    if len(value) != 1:
+        keys = ", ".join(map(str, value)) or "none"
+        raise PydanticCustomError(
+            "step_shape", "a step has exactly one key, the step kind (got: {keys})", {"keys": keys}
+        )
+    key, body = next(iter(value.items()))
+    if key not in STEP_TYPES:
+        close = difflib.get_close_matches(str(key), STEP_TYPES, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(STEP_TYPES)}"
+        raise PydanticCustomError("step_kind", "unknown step kind '{key}'{hint}", {"key": key, "hint": hint})
+    return {key: {} if body is None else body}
+
+
+class _Entry(StrictModel):
+    @property
+    def step(self) -> StepBase:
+        return getattr(self, next(iter(type(self).model_fields)))  # type: ignore[no-any-return]
+
+
+class TrainEntry(_Entry):
+    train: TrainStep
+    """A train step (see TrainStep)."""
+
+
+class EvaluateEntry(_Entry):
+    evaluate: EvaluateStep
+    """A evaluate step (see EvaluateStep)."""
+
+
+class HpoEntry(_Entry):
+    hpo: HpoStep
+    """A hpo step (see HpoStep)."""
+
+
+class PruneEntry(_Entry):
+    prune: PruneStep
+    """A prune step (see PruneStep)."""
+
+
+class DistillEntry(_Entry):
+    distill: DistillStep
+    """A distill step (see DistillStep)."""
+
+
+class QuantizeEntry(_Entry):
+    quantize: QuantizeStep
+    """A quantize step (see QuantizeStep)."""
+
+
+StepEntry = Annotated[
+    Union[
+        Annotated[TrainEntry, Tag("train")],
+        Annotated[EvaluateEntry, Tag("evaluate")],
+        Annotated[HpoEntry, Tag("hpo")],
+        Annotated[PruneEntry, Tag("prune")],
+        Annotated[DistillEntry, Tag("distill")],
+        Annotated[QuantizeEntry, Tag("quantize")],
+    ],
+    Discriminator(_entry_kind),
+]
+
+
+#: One item of ``steps:`` as the user writes it.
+Step = Annotated[StepEntry, BeforeValidator(_check_entry)]
+
+
+__all__ = [
+    "STEP_TYPES",
+    "DistillStep",
+    "Distribution",
+    "EvaluateStep",
+    "HpoStep",
+    "PruneStep",
+    "QuantizeStep",
+    "StepBase",
+    "Step",
+    "StepEntry",
+    "TrainOptions",
+    "TrainStep",
+]

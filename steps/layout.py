@@ -1,0 +1,74 @@
+"""Where things live inside a job folder: the contract between manager and workload.
+
+::
+
+    JOB_DIR/
+      job.json                   what the workload runs (written by the manager; see JobFile)
+      logs/attempt-N.log         everything the workload printed in attempt N (local provider)
+      steps/NN-KIND/             one folder per step (NN = index, zero-padded)
+        model/                   the step's output model (save_pretrained, or quantized state + recipe)
+        checkpoints/             resumable checkpoints of a training-like step
+        done.json                written atomically when the step finished: its metrics
+      results.json               every step's metrics, written after each step
+      report.md, report.html     written by the manager
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+JOB_FILE = "job.json"
+RESULTS_FILE = "results.json"
+
+
+def step_dir(job_dir: Path, index: int, kind: str) -> Path:
+    return job_dir / "steps" / f"{index:02d}-{kind}"
+
+
+def log_path(job_dir: Path, attempt: int) -> Path:
+    return job_dir / "logs" / f"attempt-{attempt}.log"
+
+
+@dataclass
+class JobFile:
+    """``job.json``: the resolved spec plus what the run needs to know about itself.
+
+    Paths in ``spec`` (model.path, data.source, tokenizer) are absolute, resolved
+    by the manager against the spec file's folder."""
+
+    spec: dict[str, Any]
+    dry_run: bool = False
+    #: "auto" picks cuda > mps > cpu; "cpu" forces the CPU (apply --local on a GPU box still uses it).
+    device: str = "auto"
+    #: Folder for caches shared across jobs (corpus, tokenizer): OPTJOB_HOME/cache.
+    cache_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def write(self, job_dir: Path) -> Path:
+        return write_json_atomic(job_dir / JOB_FILE, asdict(self))
+
+    @classmethod
+    def read(cls, job_dir: Path) -> JobFile:
+        data = json.loads((job_dir / JOB_FILE).read_text())
+        return cls(**data)
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    """Write JSON so a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
