@@ -95,7 +95,7 @@ def check_pipeline(spec: JobSpec) -> None:
         if isinstance(step, HpoStep):
             _check_hpo(spec, steps, i, step)
         if isinstance(step, PruneStep) and step.method == "structured" and arch is not None:
-            kept = arch.heads - int(arch.heads * step.heads_fraction)
+            kept = arch.heads - round(arch.heads * step.heads_fraction)
             if kept < 1:
                 raise PathError(_loc(i, "prune", "heads_fraction"), "would remove every attention head")
             kv = arch.kv_heads or arch.heads
@@ -103,7 +103,7 @@ def check_pipeline(spec: JobSpec) -> None:
                 update={
                     "heads": kept,
                     "kv_heads": None if arch.kv_heads is None else max(1, min(kv, kept)),
-                    "intermediate": arch.mlp_width - int(arch.mlp_width * step.mlp_fraction),
+                    "intermediate": arch.mlp_width - round(arch.mlp_width * step.mlp_fraction),
                 }
             )
         if isinstance(step, DistillStep):

@@ -237,6 +237,8 @@ STEP_TYPES: dict[str, type[StepBase]] = {
 def _entry_kind(value: Any) -> str | None:
     if isinstance(value, dict) and len(value) == 1:
         return str(next(iter(value)))
+    if isinstance(value, _Entry):  # serialising
+        return next(iter(type(value).model_fields))
     return None
 
 

@@ -41,7 +41,8 @@ class Emitter:
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream if stream is not None else sys.stdout
 
-    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+    def emit(self, kind: str, /, **fields: Any) -> dict[str, Any]:
+        # ``kind`` is positional-only so events can carry a ``kind`` field (the step kind).
         if kind not in KINDS:
             raise ValueError(f"unknown event kind {kind!r}")
         event = {"event": kind, "ts": round(time.time(), 3), "v": PROTOCOL_VERSION, **fields}

@@ -1,0 +1,178 @@
+"""The ``optjob`` command line. One small function per command; heavy imports inside them.
+
+Errors are rendered in one place, ``main``: one line per problem, exit code from
+the error class (see ``optjob.specs.errors``), traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, NoReturn
+
+import click
+
+EXIT_CODES = """Exit codes: 0 success, 1 job failed, 2 invalid spec or usage,
+3 plan infeasible or over budget, 4 stopped by a budget cap, 130 interrupted."""
+
+
+def _debug() -> bool:
+    return "--debug" in sys.argv or os.environ.get("OPTJOB_DEBUG", "") not in ("", "0")
+
+
+@click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show tracebacks (also OPTJOB_DEBUG=1).")
+@click.version_option(package_name="optjob")
+def cli(debug: bool) -> None:
+    """optjob: declarative, cost-aware LLM optimization jobs.
+
+    Write one YAML spec (model, steps, resources, budget), then `optjob plan` and `optjob apply`.
+    """
+
+
+@cli.command()
+@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def validate(specs: tuple[str, ...]) -> None:
+    """Check spec files; print every problem with its file:line:column."""
+    from optjob.specs import SpecError, load_spec
+
+    failed = []
+    for path in specs:
+        try:
+            spec = load_spec(path)
+        except SpecError as exc:
+            failed.append(exc)
+            for line in exc.errors:
+                _error_line(line)
+            continue
+        click.echo(f"ok: {path} ({spec.name}, {len(spec.steps)} steps)")
+    if failed:
+        raise SystemExit(2)
+
+
+@cli.command()
+def schema() -> None:
+    """Print the spec's JSON Schema (for editor completion)."""
+    import json
+
+    from optjob.specs import JobSpec
+
+    click.echo(json.dumps(JobSpec.model_json_schema(), indent=2))
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--local", is_flag=True, help="Plan to run on this machine, whatever resources.cloud says.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(spec: str, local: bool, as_json: bool) -> None:
+    """Show what apply would do: resources, steps, cost to complete, budget."""
+    from .commands import plan_command
+
+    plan_command(spec, local=local, as_json=as_json)
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--local", is_flag=True, help="Run on this machine, whatever resources.cloud says.")
+@click.option("--dry-run", is_flag=True, help="Rehearse every step on a tiny proxy on this CPU; print the cloud cost.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--detach", is_flag=True, help="Launch and return; follow with `optjob status` / `logs`.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON, no live display.")
+def apply(spec: str, local: bool, dry_run: bool, yes: bool, detach: bool, as_json: bool) -> None:
+    """Validate, plan, provision, run every step, tear down, report."""
+    from .commands import apply_command
+
+    apply_command(spec, local=local, dry_run=dry_run, yes=yes, detach=detach, as_json=as_json)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def status(name: str | None, as_json: bool) -> None:
+    """Phase, step, elapsed time and spend of one job (or all)."""
+    from .commands import status_command
+
+    status_command(name, as_json=as_json)
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def list_(as_json: bool) -> None:
+    """Every job optjob knows."""
+    from .commands import status_command
+
+    status_command(None, as_json=as_json)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+def logs(name: str, follow: bool) -> None:
+    """Print a job's workload output, every attempt in order."""
+    from .commands import logs_command
+
+    logs_command(name, follow=follow)
+
+
+@cli.command()
+@click.argument("name")
+def down(name: str) -> None:
+    """Stop a job and release its resources (idempotent)."""
+    from .commands import down_command
+
+    down_command(name)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def report(name: str, as_json: bool) -> None:
+    """Write (and print the path of) the job's comparison report."""
+    from .commands import report_command
+
+    report_command(name, as_json=as_json)
+
+
+def _error_line(message: str) -> None:
+    click.echo(click.style("error: ", fg="red", bold=True) + message, err=True)
+
+
+def _fail(exc: BaseException, code: int) -> NoReturn:
+    if _debug():
+        import traceback
+
+        traceback.print_exception(exc)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console entry point."""
+    from optjob.specs.errors import OptjobError, SpecError
+
+    try:
+        return cli.main(args=argv, standalone_mode=False)
+    except SpecError as exc:
+        for line in exc.errors:
+            _error_line(line)
+        _fail(exc, exc.exit_code)
+    except OptjobError as exc:
+        _error_line(str(exc))
+        _fail(exc, exc.exit_code)
+    except click.exceptions.Abort as exc:
+        _error_line("aborted")
+        _fail(exc, 130)
+    except click.ClickException as exc:
+        exc.show()
+        _fail(exc, 2)
+    except KeyboardInterrupt as exc:
+        _error_line("interrupted")
+        _fail(exc, 130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # a bug of ours: still one line, unless --debug
+        _error_line(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        _fail(exc, 1)
+
+
+if __name__ == "__main__":
+    main()

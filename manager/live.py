@@ -1,0 +1,66 @@
+"""Live progress for ``apply``: a bar per step, loss and tokens/s (rich)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .plan import Plan
+
+
+class LiveReporter:
+    """Turns workload events into progress bars. Falls back to plain lines when not a terminal."""
+
+    def __init__(self, plan: Plan) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(highlight=False)
+        self.plan = plan
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console, transient=False,
+            disable=not self.console.is_terminal,
+        )
+        self.tasks: dict[int, Any] = {}
+        self.progress.start()
+
+    def _task(self, index: int, kind: str, total: int | None = None) -> Any:
+        if index not in self.tasks:
+            self.tasks[index] = self.progress.add_task(f"{index}:{kind}", total=total or 1, info="")
+        return self.tasks[index]
+
+    def status(self, message: str) -> None:
+        self.progress.console.print(f"[dim]{message}[/dim]")
+
+    def event(self, e: dict[str, Any]) -> None:
+        kind, index = e.get("event"), e.get("index", -1)
+        step_kind = e.get("kind", "")
+        if kind == "step_started":
+            self._task(index, step_kind)
+        elif kind == "progress":
+            task = self._task(index, step_kind, e.get("max_steps"))
+            info = f"loss {e.get('loss', float('nan')):.3f}  {e.get('tokens_per_s', 0):,.0f} tok/s"
+            self.progress.update(task, completed=e.get("step", 0), total=e.get("max_steps") or 1, info=info)
+            if not self.console.is_terminal:
+                self.console.print(f"  {index}:{step_kind} step {e.get('step')}/{e.get('max_steps')} {info}")
+        elif kind == "metrics":
+            m = e.get("metrics") or {}
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float)))
+            self.progress.console.print(f"  {index}:{step_kind} {shown}")
+        elif kind == "trial":
+            self.progress.console.print(f"  trial {e.get('number')}: {e.get('value')} {e.get('params')} "
+                                        f"({e.get('state')})")
+        elif kind == "step_done":
+            task = self._task(index, step_kind)
+            total = self.progress.tasks[task].total or 1
+            self.progress.update(task, completed=total, info=f"done in {e.get('wall_s', 0):.1f}s"
+                                 + (" (skipped, already done)" if e.get("skipped") else ""))
+            if not self.console.is_terminal:
+                self.console.print(f"  {index}:{step_kind} done in {e.get('wall_s', 0):.1f}s")
+        elif kind == "stopped":
+            self.progress.console.print(f"[yellow]stopped ({e.get('reason')}) at step {e.get('step')}[/yellow]")
+        elif kind == "error":
+            self.progress.console.print(f"[red]workload error: {e.get('message')}[/red]")
+
+    def close(self) -> None:
+        self.progress.stop()

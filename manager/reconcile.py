@@ -1,0 +1,153 @@
+"""Level-based reconcile: read the actual state of an attempt, write it down, act.
+
+``observe`` is called by the apply loop every tick and by ``optjob status`` for
+jobs whose manager is gone: it ingests new events from the attempt's log,
+polls the provider, meters spend, and returns what it saw. ``finalize`` is the
+finalizer: it releases resources (per the teardown policy) before a job is
+marked finished, and only marks them released once the provider confirms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from optjob.providers.base import AttemptState, Handle, Poll, Provider
+from optjob.specs.errors import TeardownError
+from optjob.steps.events import parse_event
+
+from .meter import meter
+from .status import JobStatus, Reason
+from .store import AttemptRow, JobRow, Store
+
+
+@dataclass
+class Observation:
+    attempt: AttemptRow
+    poll: Poll
+    events: list[dict[str, Any]] = field(default_factory=list)
+    spent: float = 0.0
+
+
+def ingest(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow, handle: Handle) -> list[dict[str, Any]]:
+    """Read the attempt's new log lines and store their events (atomically with the offset)."""
+    text, offset = provider.read_log(handle, attempt.log_offset)
+    if offset == attempt.log_offset:
+        return []
+    events = [e for e in map(parse_event, text.splitlines()) if e is not None]
+    update: dict[str, Any] = {}
+    for e in events:
+        e.setdefault("attempt", attempt.number)
+        kind = e["event"]
+        if kind == "step_started":
+            update.update(step_index=e.get("index"), step_kind=e.get("kind"))
+        elif kind in ("progress", "metrics", "trial"):
+            update["progress_json"] = json.dumps(e)
+        elif kind == "error":
+            update["message"] = str(e.get("message", ""))[:2000]
+        elif kind == "stopped":
+            update["message"] = f"stopped: {e.get('reason')}"
+    if attempt.status == AttemptState.LAUNCHING.value and events:
+        update["status"] = JobStatus.RUNNING.value
+    store.add_events(job.name, attempt.number, events, log_offset=offset, attempt_id=attempt.id, job_update=update)
+    attempt.log_offset = offset
+    return events
+
+
+def observe(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow) -> Observation:
+    handle = Handle.from_json(attempt.handle or {})
+    events = ingest(store, provider, job, attempt, handle)
+    poll = provider.poll(handle)
+    # Read the log once more after a terminal poll: the last lines may have landed in between.
+    if poll.state.is_terminal():
+        events += ingest(store, provider, job, attempt, handle)
+    now = time.time()
+    if poll.state.is_terminal() and attempt.ended_at is None:
+        store.update_attempt(attempt.id, status=poll.state, exit_code=poll.exit_code, detail=poll.detail, ended_at=now)
+        attempt.status, attempt.exit_code, attempt.ended_at = poll.state.value, poll.exit_code, now
+    elif not poll.state.is_terminal() and attempt.status != poll.state.value:
+        store.update_attempt(attempt.id, status=poll.state)
+        attempt.status = poll.state.value
+    spent = meter(store, attempt, until=attempt.ended_at if attempt.released else None)
+    return Observation(attempt, poll, events, spent)
+
+
+def release(store: Store, provider: Provider, attempt: AttemptRow, *, retries: int = 5, backoff_s: float = 1.0) -> None:
+    """Tear the attempt down, retrying with backoff; mark it released only when confirmed."""
+    if attempt.released or not attempt.handle:
+        return
+    handle = Handle.from_json(attempt.handle)
+    for i in range(retries):
+        try:
+            provider.teardown(handle)
+            break
+        except TeardownError:
+            if i == retries - 1:
+                raise
+            time.sleep(backoff_s * 2**i)
+    now = time.time()
+    meter(store, attempt, until=now)  # billing runs until teardown is confirmed
+    store.update_attempt(attempt.id, released=1, ended_at=attempt.ended_at or now)
+    attempt.released = 1
+
+
+def wants_teardown(policy: str, status: JobStatus) -> bool:
+    return policy == "always" or (policy == "on_success" and status == JobStatus.SUCCEEDED)
+
+
+def final_status(poll: Poll) -> tuple[JobStatus, Reason]:
+    """The job's terminal status when its last attempt ended as ``poll`` says."""
+    if poll.state == AttemptState.SUCCEEDED:
+        return JobStatus.SUCCEEDED, Reason.SUCCEEDED
+    if poll.state == AttemptState.STOPPED:
+        return JobStatus.STOPPED, Reason.BUDGET if poll.exit_code == 4 else Reason.CANCELLED
+    if poll.state in (AttemptState.PREEMPTED, AttemptState.LOST):
+        return JobStatus.STOPPED, Reason.PREEMPTED
+    return JobStatus.FAILED, Reason.FAILED
+
+
+def finalize(store: Store, provider: Provider, job: JobRow, status: JobStatus, reason: Reason,
+             message: str | None = None) -> None:
+    """The finalizer: release resources per policy, then record the terminal status."""
+    policy = json.loads(job.spec_json).get("teardown", "always")
+    for attempt in store.attempts(job.name, run=job.run):
+        if wants_teardown(policy, status) or not attempt.handle:
+            release(store, provider, attempt)
+    update: dict[str, Any] = {"status": status, "reason": reason, "ended_at": time.time(), "owner_pid": None}
+    if message is not None:
+        update["message"] = message
+    store.update_job(job.name, **update)
+
+
+def owner_alive(job: JobRow) -> bool:
+    """Whether the process that claimed ``job`` still runs (same machine)."""
+    if not job.owner_pid:
+        return False
+    try:
+        os.kill(job.owner_pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reconcile_orphaned(store: Store, provider: Provider, job: JobRow) -> JobRow:
+    """For a job nobody manages (manager killed, or --detach): catch up with the truth.
+
+    Ingests events, and when the last attempt has ended, finalizes the job."""
+    if job.status.is_terminal() or owner_alive(job):
+        return job
+    attempts = store.attempts(job.name, run=job.run)
+    if not attempts:
+        finalize(store, provider, job, JobStatus.FAILED, Reason.FAILED, "the manager stopped before launching")
+        return store.job(job.name) or job
+    obs = observe(store, provider, job, attempts[-1])
+    if obs.poll.state.is_terminal():
+        status, reason = final_status(obs.poll)
+        finalize(store, provider, job, status, reason,
+                 "resume with `optjob apply` again" if reason == Reason.PREEMPTED else None)
+    return store.job(job.name) or job

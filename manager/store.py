@@ -1,0 +1,292 @@
+"""The state store: one SQLite file (WAL) under ``OPTJOB_HOME``.
+
+Writers take short ``BEGIN IMMEDIATE`` transactions; readers never block
+writers (WAL), and every connection waits out a busy lock instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from optjob.specs.errors import StateError
+
+from .schema import MIGRATIONS, SCHEMA_VERSION
+from .status import JobStatus, Reason
+
+
+@dataclass
+class JobRow:
+    name: str
+    status: JobStatus
+    reason: Reason | None
+    provider: str
+    job_dir: str
+    spec_path: str | None
+    spec_json: str
+    plan_json: str | None
+    run: int
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    ended_at: float | None
+    step_index: int | None
+    step_kind: str | None
+    progress_json: str | None
+    owner_pid: int | None
+    owner_seen: float | None
+    message: str | None
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        return json.loads(self.progress_json) if self.progress_json else {}
+
+    @property
+    def plan(self) -> dict[str, Any]:
+        return json.loads(self.plan_json) if self.plan_json else {}
+
+
+@dataclass
+class AttemptRow:
+    id: int
+    job_name: str
+    run: int
+    number: int
+    provider: str
+    handle_json: str | None
+    status: str
+    exit_code: int | None
+    detail: str | None
+    started_at: float
+    ended_at: float | None
+    hourly_usd: float
+    nodes: int
+    spot: int
+    log_offset: int
+    released: int
+
+    @property
+    def handle(self) -> dict[str, Any] | None:
+        return json.loads(self.handle_json) if self.handle_json else None
+
+
+def _row(cls: type, row: sqlite3.Row) -> Any:
+    values = {f.name: row[f.name] for f in fields(cls)}
+    if cls is JobRow:
+        values["status"] = JobStatus(values["status"])
+        values["reason"] = Reason(values["reason"]) if values["reason"] else None
+    return cls(**values)
+
+
+class Store:
+    """Typed access to ``state.db``. Open one per process (connections are not shared)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA busy_timeout = 30000")
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"{self.path}: cannot open the state store: {exc}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that holds the write lock from its start."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self.tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"{self.path} has schema version {version}, newer than this optjob ({SCHEMA_VERSION}); "
+                    "upgrade optjob or point OPTJOB_HOME elsewhere"
+                )
+            for script in MIGRATIONS[version:]:
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+
+    # ---- jobs -----------------------------------------------------------------------------------
+
+    def job(self, name: str) -> JobRow | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+        return _row(JobRow, row) if row else None
+
+    def jobs(self, limit: int | None = None) -> list[JobRow]:
+        sql = "SELECT * FROM jobs ORDER BY updated_at DESC" + (f" LIMIT {int(limit)}" if limit else "")
+        return [_row(JobRow, r) for r in self.db.execute(sql)]
+
+    def update_job(self, name: str, **values: Any) -> None:
+        values["updated_at"] = time.time()
+        for key in ("status", "reason"):
+            if hasattr(values.get(key), "value"):
+                values[key] = values[key].value
+        cols = ", ".join(f"{k} = ?" for k in values)
+        with self.tx() as db:
+            db.execute(f"UPDATE jobs SET {cols} WHERE name = ?", (*values.values(), name))
+
+    def claim_job(
+        self, name: str, *, provider: str, job_dir: str, spec_path: str | None, spec_json: str,
+        plan_json: str | None, owner_alive: Any,
+    ) -> tuple[JobRow, bool]:
+        """Create the job, or start a new run of a finished one, as this process.
+
+        Returns ``(job, attach)``: ``attach`` is True when the job is already
+        running under a live owner, in which case nothing was changed and the
+        caller follows it instead of starting a second copy. The check and the
+        write happen in one write transaction, so two concurrent applies of the
+        same name start one job."""
+        now = time.time()
+        with self.tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                current = _row(JobRow, row)
+                if not current.status.is_terminal() and owner_alive(current):
+                    return current, True
+                db.execute(
+                    "UPDATE jobs SET status = ?, reason = NULL, provider = ?, job_dir = ?, spec_path = ?, "
+                    "spec_json = ?, plan_json = ?, run = run + ?, updated_at = ?, started_at = ?, ended_at = NULL, "
+                    "owner_pid = ?, owner_seen = ?, message = NULL WHERE name = ?",
+                    (JobStatus.PENDING.value, provider, job_dir, spec_path, spec_json, plan_json,
+                     1 if current.status.is_terminal() else 0, now, now, os.getpid(), now, name),
+                )
+            else:
+                db.execute(
+                    "INSERT INTO jobs (name, status, provider, job_dir, spec_path, spec_json, plan_json, run, "
+                    "created_at, updated_at, started_at, owner_pid, owner_seen) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)",
+                    (name, JobStatus.PENDING.value, provider, job_dir, spec_path, spec_json, plan_json,
+                     now, now, now, os.getpid(), now),
+                )
+            new = db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+        return _row(JobRow, new), False
+
+    def delete_job(self, name: str) -> None:
+        with self.tx() as db:
+            for table in ("events", "ledger"):
+                db.execute(f"DELETE FROM {table} WHERE job_name = ?", (name,))
+            db.execute("DELETE FROM jobs WHERE name = ?", (name,))
+
+    # ---- attempts -------------------------------------------------------------------------------
+
+    def add_attempt(self, job: str, *, run: int, provider: str, hourly_usd: float, nodes: int, spot: bool) -> AttemptRow:
+        with self.tx() as db:
+            number = db.execute(
+                "SELECT COALESCE(MAX(number), 0) + 1 FROM attempts WHERE job_name = ?", (job,)
+            ).fetchone()[0]
+            cur = db.execute(
+                "INSERT INTO attempts (job_name, run, number, provider, status, started_at, hourly_usd, nodes, spot) "
+                "VALUES (?, ?, ?, ?, 'launching', ?, ?, ?, ?)",
+                (job, run, number, provider, time.time(), hourly_usd, nodes, int(spot)),
+            )
+            row = db.execute("SELECT * FROM attempts WHERE id = ?", (cur.lastrowid,)).fetchone()
+        return _row(AttemptRow, row)  # type: ignore[no-any-return]
+
+    def update_attempt(self, attempt_id: int, **values: Any) -> None:
+        if "handle" in values:
+            values["handle_json"] = json.dumps(values.pop("handle"))
+        if hasattr(values.get("status"), "value"):
+            values["status"] = values["status"].value
+        cols = ", ".join(f"{k} = ?" for k in values)
+        with self.tx() as db:
+            db.execute(f"UPDATE attempts SET {cols} WHERE id = ?", (*values.values(), attempt_id))
+
+    def attempts(self, job: str, run: int | None = None) -> list[AttemptRow]:
+        sql, args = "SELECT * FROM attempts WHERE job_name = ?", [job]
+        if run is not None:
+            sql += " AND run = ?"
+            args.append(run)
+        return [_row(AttemptRow, r) for r in self.db.execute(sql + " ORDER BY number", args)]
+
+    def unreleased_attempts(self) -> list[AttemptRow]:
+        return [_row(AttemptRow, r) for r in self.db.execute("SELECT * FROM attempts WHERE released = 0")]
+
+    # ---- events ---------------------------------------------------------------------------------
+
+    def add_events(self, job: str, attempt: int, events: list[dict[str, Any]], *, log_offset: int | None = None,
+                   attempt_id: int | None = None, job_update: dict[str, Any] | None = None) -> None:
+        """Store events, advance the attempt's log offset and update the job row, atomically:
+        a reader sees all of it or none, and a crash never ingests an event twice."""
+        with self.tx() as db:
+            db.executemany(
+                "INSERT INTO events (job_name, attempt, ts, kind, step_index, payload) VALUES (?, ?, ?, ?, ?, ?)",
+                [(job, attempt, e.get("ts", time.time()), e["event"], e.get("index"), json.dumps(e)) for e in events],
+            )
+            if log_offset is not None and attempt_id is not None:
+                db.execute("UPDATE attempts SET log_offset = ? WHERE id = ?", (log_offset, attempt_id))
+            if job_update:
+                job_update = {**job_update, "updated_at": time.time()}
+                cols = ", ".join(f"{k} = ?" for k in job_update)
+                db.execute(f"UPDATE jobs SET {cols} WHERE name = ?", (*job_update.values(), job))
+
+    def events(self, job: str, *, kinds: tuple[str, ...] = (), after_id: int = 0, limit: int | None = None
+               ) -> list[tuple[int, dict[str, Any]]]:
+        sql, args = "SELECT id, payload FROM events WHERE job_name = ? AND id > ?", [job, after_id]
+        if kinds:
+            sql += f" AND kind IN ({', '.join('?' * len(kinds))})"
+            args.extend(kinds)
+        sql += " ORDER BY id" + (f" LIMIT {int(limit)}" if limit else "")
+        return [(r[0], json.loads(r[1])) for r in self.db.execute(sql, args)]
+
+    # ---- money ----------------------------------------------------------------------------------
+
+    def add_ledger(self, job: str, attempt: int, *, seconds: float, usd: float, hourly_usd: float,
+                   nodes: int, spot: bool, note: str = "") -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO ledger (job_name, attempt, ts, seconds, usd, hourly_usd, nodes, spot, note) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job, attempt, time.time(), seconds, usd, hourly_usd, nodes, int(spot), note),
+            )
+
+    def spend(self, job: str, attempt: int | None = None) -> float:
+        sql, args = "SELECT COALESCE(SUM(usd), 0) FROM ledger WHERE job_name = ?", [job]
+        if attempt is not None:
+            sql += " AND attempt = ?"
+            args.append(attempt)
+        return float(self.db.execute(sql, args).fetchone()[0])
+
+    def metered_seconds(self, job: str, attempt: int) -> float:
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(seconds), 0) FROM ledger WHERE job_name = ? AND attempt = ?", (job, attempt)
+        ).fetchone()
+        return float(row[0])
+
+    def add_calibration(self, job: str, accelerator: str, model_params: int, precision: str, tokens_per_s: float) -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO calibration (ts, job_name, accelerator, model_params, precision, tokens_per_s) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (time.time(), job, accelerator, model_params, precision, tokens_per_s),
+            )
+
+    def calibration(self) -> list[sqlite3.Row]:
+        return list(self.db.execute("SELECT * FROM calibration ORDER BY ts"))

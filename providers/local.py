@@ -1,0 +1,148 @@
+"""The local provider: the workload as a subprocess on this machine.
+
+Each attempt runs ``python -m optjob.steps run JOB_DIR`` in its own process
+group, wrapped in a tiny shell that records the workload's exit status in
+``logs/attempt-N.exit`` — so the status survives the manager (a restarted
+manager, or ``optjob status`` in another terminal, still learns how it ended).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from optjob.specs.errors import ProviderError, TeardownError
+from optjob.steps.layout import log_path
+
+from .base import AttemptState, Handle, LaunchRequest, Poll, Provider
+
+#: Exit codes the workload uses for a graceful stop (deadline / signal).
+STOP_CODES = (4, 143)
+#: Exit codes meaning the process was killed from outside (SIGKILL: 137 = 128 + 9).
+KILLED_CODES = (137, -9)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as dead; reap it
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+class LocalProvider(Provider):
+    """Runs attempts on this machine. ``python`` is the interpreter for the workload."""
+
+    name: ClassVar[str] = "local"
+
+    def __init__(self, python: str | None = None, device: str = "auto") -> None:
+        self.python = python or sys.executable
+        self.device = device
+
+    def _exit_file(self, job_dir: Path, attempt: int) -> Path:
+        return log_path(job_dir, attempt).with_suffix(".exit")
+
+    def launch(self, request: LaunchRequest) -> Handle:
+        log = log_path(request.job_dir, request.attempt)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        exit_file = self._exit_file(request.job_dir, request.attempt)
+        exit_file.unlink(missing_ok=True)
+        argv = [self.python, "-u", "-m", "optjob.steps", "run", str(request.job_dir)]
+        # The shell forwards TERM to the workload and records how it ended, whatever happens to us.
+        script = (
+            f"{shlex.join(argv)} & child=$!; trap 'kill -TERM $child 2>/dev/null' TERM INT; "
+            f"wait $child; rc=$?; while kill -0 $child 2>/dev/null; do wait $child; rc=$?; done; "
+            f"echo $rc > {shlex.quote(str(exit_file))}.tmp && mv {shlex.quote(str(exit_file))}.tmp "
+            f"{shlex.quote(str(exit_file))}"
+        )
+        env = {**os.environ, **request.env, "PYTHONUNBUFFERED": "1"}
+        try:
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(
+                    ["/bin/sh", "-c", script], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=env, start_new_session=True, cwd=request.job_dir,
+                )
+        except OSError as exc:
+            raise ProviderError(f"could not start the workload: {exc}") from None
+        return Handle(
+            provider=self.name, cluster="localhost", attempt=request.attempt,
+            data={"pid": proc.pid, "pgid": proc.pid, "job_dir": str(request.job_dir), "started": time.time()},
+        )
+
+    def poll(self, handle: Handle) -> Poll:
+        job_dir = Path(handle.data["job_dir"])
+        exit_file = self._exit_file(job_dir, handle.attempt)
+        if exit_file.exists():
+            try:
+                code = int(exit_file.read_text().strip() or "1")
+            except ValueError:
+                code = 1
+            if code == 0:
+                return Poll(AttemptState.SUCCEEDED, 0)
+            if code in STOP_CODES:
+                return Poll(AttemptState.STOPPED, code)
+            if code in KILLED_CODES:
+                return Poll(AttemptState.PREEMPTED, code, "the workload was killed (SIGKILL)")
+            return Poll(AttemptState.FAILED, code)
+        if _alive(int(handle.data["pid"])):
+            return Poll(AttemptState.RUNNING, nodes=1)
+        if exit_file.exists():  # it ended between the two checks
+            return self.poll(handle)
+        return Poll(AttemptState.LOST, None, "the workload's process is gone and recorded no exit status")
+
+    def read_log(self, handle: Handle, offset: int) -> tuple[str, int]:
+        log = log_path(Path(handle.data["job_dir"]), handle.attempt)
+        try:
+            with open(log, "rb") as f:
+                f.seek(offset)
+                chunk = f.read(4 << 20)
+        except FileNotFoundError:
+            return "", offset
+        end = chunk.rfind(b"\n") + 1  # hold back a partial last line
+        return chunk[:end].decode("utf-8", "replace"), offset + end
+
+    def stop(self, handle: Handle) -> None:
+        self._signal(handle, signal.SIGTERM)
+
+    def kill(self, handle: Handle) -> None:
+        """SIGKILL the workload alone, as a spot reclaim would (used by preemption rehearsal)."""
+        pgid = int(handle.data["pgid"])
+        try:
+            out = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True, check=False).stdout
+            for pid in map(int, out.split()):
+                if pid != pgid:
+                    os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+    def _signal(self, handle: Handle, sig: signal.Signals) -> None:
+        try:
+            os.killpg(int(handle.data["pgid"]), sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def teardown(self, handle: Handle) -> None:
+        pid = int(handle.data["pid"])
+        if not _alive(pid):
+            return
+        self._signal(handle, signal.SIGTERM)
+        deadline = time.time() + 30
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            self._signal(handle, signal.SIGKILL)
+            time.sleep(0.2)
+        if _alive(pid):
+            raise TeardownError(f"process group {handle.data['pgid']} is still alive after SIGKILL")
