@@ -1,0 +1,271 @@
+"""Workload -> duration -> cost: what a spec costs to COMPLETE on an offer, and which offer to pick.
+
+Per step: tokens processed x FLOPs per token (6N to train, 2N forward, 2N_teacher + 6N_student to
+distill) / (peak FLOP/s of the nodes x efficiency) + 5 s fixed. Around the steps: provisioning
+(0 local, 180 s on-demand, 300 s spot), setup (120 s on a cloud), and the hub download of an
+``hf`` model (2 bytes/param at 200 MB/s). Efficiency defaults to 0.35; finished runs calibrate it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from optjob.specs.steps import (
+    DistillStep,
+    EvaluateStep,
+    HpoStep,
+    PruneStep,
+    StepBase,
+    TrainOptions,
+    TrainStep,
+)
+
+from .accelerators import KNOWN_MODELS, known, node_peak_flops
+from .calibration import calibrated_efficiency
+from .offers import Offer, PlanChoice, choose
+
+if TYPE_CHECKING:
+    from optjob.specs.data import DataSpec
+    from optjob.specs.job import JobSpec
+    from optjob.specs.model import ModelInit, ModelSpec
+
+DEFAULT_EFFICIENCY = 0.35
+PROVISION_S = {"local": 0.0, "ondemand": 180.0, "spot": 300.0}
+SETUP_S = 120.0
+STEP_FIXED_S = 5.0
+DOWNLOAD_BYTES_PER_S = 200e6
+BYTES_PER_PARAM = 2  # hub checkpoints are mostly bf16/fp16 safetensors
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    """One step: tokens processed, FLOPs, seconds (unpacks as that 5-tuple)."""
+
+    index: int
+    kind: str
+    tokens: int
+    flops: float
+    seconds: float
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.index, self.kind, self.tokens, self.flops, self.seconds))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    offer: Offer
+    total_hours: float
+    total_usd: float
+    steps: list[StepEstimate]
+    efficiency: float
+    calibrated_runs: int
+    notes: list[str] = field(default_factory=list)
+    params: int = 0
+    overhead_seconds: float = 0.0
+    #: The same run on demand: for a spot offer, the fallback if spot capacity is lost.
+    ondemand_usd: float | None = None
+
+    @property
+    def total_seconds(self) -> float:
+        return self.total_hours * 3600.0
+
+
+def overhead_seconds(spec: JobSpec, offer: Offer, *, spot: bool | None = None) -> float:
+    """Provisioning + setup + model download; every step also pays :data:`STEP_FIXED_S`."""
+    spot = offer.spot if spot is None else spot
+    if offer.cloud == "local":
+        fixed = PROVISION_S["local"]
+    else:
+        fixed = PROVISION_S["spot" if spot else "ondemand"] + SETUP_S
+    if spec.model.hf is not None:
+        fixed += model_params(spec.model)[0] * BYTES_PER_PARAM / DOWNLOAD_BYTES_PER_S
+    return fixed
+
+
+def estimate(spec: JobSpec, offer: Offer, *, efficiency: float = DEFAULT_EFFICIENCY,
+             calibration: Iterable[Any] | None = None) -> Estimate:
+    """Duration and cost of running every step of ``spec`` on ``resources.nodes`` x ``offer``.
+
+    ``calibration``: finished-run records (see ``calibration.py``); where some match this
+    accelerator and model size, their median efficiency replaces ``efficiency``.
+    """
+    work, params, notes = workload(spec)
+    nodes = spec.resources.nodes
+    runs = 0
+    device = offer.accelerator_name or "cpu"
+    if calibration is not None:
+        found = calibrated_efficiency(calibration, params, device)
+        if found is not None:
+            efficiency, runs = found
+            notes.append(f"efficiency {efficiency:.3f} calibrated from {runs} finished run(s) "
+                         f"on {device}")
+    if not known(offer.accelerator_name):
+        notes.append(f"no peak throughput known for {offer.accelerator_name}: assumed 100 TFLOP/s")
+    if offer.price_note:
+        notes.append(offer.price_note)
+    steps = [_step(w, offer, nodes, efficiency) for w in work]
+    overhead = overhead_seconds(spec, offer)
+    seconds = sum(s.seconds for s in steps) + overhead
+    hours = seconds / 3600.0
+    od = None
+    if offer.spot:
+        od_hours = (seconds - overhead + overhead_seconds(spec, offer, spot=False)) / 3600.0
+        if offer.ondemand_hourly_usd is None:
+            notes.append(f"no on-demand price for {offer.instance_type} in {offer.region}: "
+                         "no fallback cost")
+        else:
+            od = od_hours * offer.ondemand_hourly_usd * nodes
+    else:
+        od = hours * offer.hourly_usd * nodes
+    return Estimate(
+        offer=offer, total_hours=hours, total_usd=hours * offer.hourly_usd * nodes, steps=steps,
+        efficiency=efficiency, calibrated_runs=runs, notes=notes, params=params,
+        overhead_seconds=overhead, ondemand_usd=od,
+    )
+
+
+def _step(w: StepWork, offer: Offer, nodes: int, efficiency: float) -> StepEstimate:
+    peak = node_peak_flops(offer.accelerator_name, offer.accelerator_count, w.precision) * nodes
+    seconds = w.flops / (peak * efficiency) + STEP_FIXED_S
+    return StepEstimate(w.index, w.kind, w.tokens, w.flops, seconds)
+
+
+def plan_offers(spec: JobSpec, offers: list[Offer], *, efficiency: float = DEFAULT_EFFICIENCY,
+                calibration: Iterable[Any] | None = None) -> tuple[list[Estimate], PlanChoice]:
+    """Estimate every offer and :func:`~.offers.choose` one (calibration records read once)."""
+    records = list(calibration) if calibration is not None else None
+    estimates = [estimate(spec, o, efficiency=efficiency, calibration=records) for o in offers]
+    return estimates, choose(spec, offers, estimates)
+
+
+# -- the workload ---------------------------------------------------------------------------------
+
+ASSUMED_PARAMS = 1_000_000_000
+CHARS_PER_TOKEN = 4
+BUILTIN_CHARS = {"builtin:python-docs": 1_800_000}
+UNKNOWN_CORPUS_TOKENS = 10_000_000
+
+
+@dataclass(frozen=True)
+class StepWork:
+    index: int
+    kind: str
+    tokens: int
+    flops: float
+    precision: str
+
+
+def model_params(model: ModelSpec) -> tuple[int, int | None, str | None]:
+    """(parameters, layers if known, a note when the count is a guess)."""
+    if model.init is not None:
+        return model.init.approx_params(), model.init.layers, None
+    hub = (model.hf or "").lower()
+    hub = hub.removesuffix("-instruct") if hub not in KNOWN_MODELS else hub
+    params, layers = KNOWN_MODELS.get(hub, (None, None))
+    if model.params is not None:
+        return model.params, layers, None
+    if params is not None:
+        return params, layers, None
+    what = model.hf or model.path
+    return ASSUMED_PARAMS, None, f"param count unknown for {what}: assumed 1B (set model.params)"
+
+
+def corpus_tokens(data: DataSpec) -> tuple[int, str | None]:
+    chars = BUILTIN_CHARS.get(data.source)
+    if data.max_chars is not None:
+        chars = min(chars, data.max_chars) if chars is not None else data.max_chars
+    if chars is None:
+        note = f"size of {data.source} unknown: assumed 10M tokens (set data.max_chars)"
+        return UNKNOWN_CORPUS_TOKENS, note
+    return max(1, chars // CHARS_PER_TOKEN), None
+
+
+def _periodic_eval(step: TrainOptions, seq: int, eval_tokens: int) -> int:
+    if step.eval_every is None:
+        return 0
+    evals = -(-step.max_steps // step.eval_every)
+    return evals * min(eval_tokens, step.eval_batches * step.batch_size * seq)
+
+
+def _student(step: DistillStep, n: int, layers: int | None, arch: ModelInit | None,
+             notes: list[str]) -> tuple[int, int | None, ModelInit | None]:
+    update = {k: v for k, v in step.student.model_dump().items() if v is not None}
+    if arch is not None:
+        merged = type(arch).model_validate({**arch.model_dump(), **update})
+        return merged.approx_params(), merged.layers, merged
+    ratio = 1.0
+    if step.student.layers is not None:
+        if layers:
+            ratio = step.student.layers / layers
+        else:
+            ratio = 0.5
+            notes.append("teacher layer count unknown: distill student assumed half the teacher")
+    if step.student.hidden is not None or step.student.intermediate is not None:
+        notes.append("student width ignored for a hub/path teacher (size scaled by layers only)")
+    return max(1, int(n * ratio)), step.student.layers or layers, None
+
+
+def _pruned(step: PruneStep, n: int, arch: ModelInit | None) -> tuple[int, ModelInit | None]:
+    if step.method != "structured":
+        return n, arch  # magnitude pruning zeroes weights; dense compute stays the same
+    if arch is None:  # MLP ~2/3 and attention ~1/3 of a transformer block's weights
+        return max(1, int(n * (1 - (2 * step.mlp_fraction + step.heads_fraction) / 3))), None
+    kept = max(1, arch.heads - int(arch.heads * step.heads_fraction))
+    kv = None if arch.kv_heads is None else max(1, min(arch.kv_heads, kept))
+    mlp = arch.mlp_width - int(arch.mlp_width * step.mlp_fraction)
+    new = arch.model_copy(update={"heads": kept, "kv_heads": kv, "intermediate": mlp})
+    return new.approx_params(), new
+
+
+def workload(spec: JobSpec) -> tuple[list[StepWork], int, list[str]]:
+    """Tokens and FLOPs of each step as the model changes along the pipeline; also the starting
+    parameter count and notes on every guess made."""
+    n, layers, note = model_params(spec.model)
+    start, arch = n, spec.model.init
+    notes = [note] if note else []
+    seq = spec.data.seq_len
+    corpus, cnote = corpus_tokens(spec.data)
+    if cnote:
+        notes.append(cnote)
+    eval_tokens = max(seq, int(corpus * spec.data.eval_fraction))
+    steps: list[StepBase] = spec.pipeline
+    precision = "fp32"
+    out: list[StepWork] = []
+    for i, step in enumerate(steps):
+        tokens, flops = 0, 0.0
+        if isinstance(step, TrainStep):
+            precision = step.precision
+            train, ev = step.tokens(seq), _periodic_eval(step, seq, eval_tokens)
+            tokens, flops = train + ev, 6.0 * n * train + 2.0 * n * ev
+        elif isinstance(step, DistillStep):
+            precision = step.precision
+            teacher = n
+            n, layers, arch = _student(step, n, layers, arch, notes)
+            train, ev = step.tokens(seq), _periodic_eval(step, seq, eval_tokens)
+            tokens, flops = train + ev, (2.0 * teacher + 6.0 * n) * train + 2.0 * n * ev
+        elif isinstance(step, HpoStep):
+            nxt = next((s for s in steps[i + 1:] if isinstance(s, (TrainStep, DistillStep))), None)
+            if nxt is not None:
+                per_token = 6.0 * n
+                if isinstance(nxt, DistillStep):
+                    per_token = 2.0 * n + 6.0 * _student(nxt, n, layers, arch, [])[0]
+                tokens = step.trials * step.trial_steps * nxt.batch_size * nxt.grad_accum * seq
+                flops = per_token * tokens
+                precision = nxt.precision
+            if any(k.startswith("model.init.") for k in step.space):
+                notes.append(f"steps[{i}] hpo varies model.init: trials priced at the current size")
+        elif isinstance(step, PruneStep):
+            n, arch = _pruned(step, n, arch)
+            tokens = step.recover_steps * step.batch_size * seq
+            flops = 6.0 * n * tokens
+        elif isinstance(step, EvaluateStep):
+            tokens = eval_tokens
+            if step.max_batches is not None:
+                tokens = min(tokens, step.max_batches * step.batch_size * seq)
+            if "latency" in step.metrics:
+                tokens += step.latency_repeats * step.generate_tokens
+            flops = 2.0 * n * tokens
+        out.append(StepWork(i, step.kind, tokens, flops, precision))
+    return out, start, notes
