@@ -24,6 +24,7 @@ from optjob.specs.errors import BudgetExceeded, Interrupted, JobFailed
 from optjob.steps.layout import JobFile
 
 from . import paths
+from .calibrate import record_calibration
 from .meter import STOP_MARGIN_S, Budget, job_elapsed_s, over_budget, rate_usd_per_s, seconds_left
 from .plan import Plan
 from .reconcile import final_status, finalize, observe, owner_alive, reconcile_orphaned
@@ -190,7 +191,7 @@ class Controller:
                     status, reason = final_status(obs.poll)
                     if stop_reason is not None and status != JobStatus.SUCCEEDED:
                         status, reason = JobStatus.STOPPED, stop_reason
-                    return self._finish(job, status, reason)
+                    return self._finish(job, status, reason, plan)
                 if stop_reason is None and (why := over_budget(
                         budget, spent=obs.spent, elapsed_s=job_elapsed_s(self.store, job.name),
                         usd_per_s=rate_usd_per_s(attempt), margin_s=margin)):
@@ -220,9 +221,11 @@ class Controller:
                 pass
         return self._finish(job, JobStatus.STOPPED, Reason.CANCELLED)
 
-    def _finish(self, job: JobRow, status: JobStatus, reason: Reason) -> Outcome:
+    def _finish(self, job: JobRow, status: JobStatus, reason: Reason, plan: Plan | None = None) -> Outcome:
         self.reporter.status(f"finishing: {status.value} ({reason.value}); teardown per policy")
         finalize(self.store, self.provider, job, status, reason)
+        if plan is not None and status == JobStatus.SUCCEEDED:
+            record_calibration(self.store, job.name, plan)
         return self._outcome(self.store.job(job.name) or job)
 
     def _outcome(self, job: JobRow) -> Outcome:

@@ -133,6 +133,41 @@ def report(name: str, as_json: bool) -> None:
     report_command(name, as_json=as_json)
 
 
+@cli.group(invoke_without_command=True)
+@click.option("--gpu", help="Accelerator, e.g. A100 or A100:8.")
+@click.option("--spot", is_flag=True, help="Spot offers only.")
+@click.option("--cloud", default="any", show_default=True, help="aws, gcp, azure, lambda, runpod or any.")
+@click.option("--region")
+@click.option("--limit", default=30, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def prices(ctx: click.Context, gpu: str | None, spot: bool, cloud: str, region: str | None, limit: int,
+           as_json: bool) -> None:
+    """List offers from the price catalog, cheapest first."""
+    if ctx.invoked_subcommand is None:
+        from .money import prices_command
+
+        prices_command(gpu, spot, cloud, region, limit, as_json)
+
+
+@prices.command("refresh")
+def prices_refresh() -> None:
+    """Rebuild the local price cache from SkyPilot's catalog."""
+    from .money import refresh_command
+
+    refresh_command()
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def cost(name: str | None, as_json: bool) -> None:
+    """Spend per job and per attempt, beside the estimate."""
+    from .money import cost_command
+
+    cost_command(name, as_json)
+
+
 def _error_line(message: str) -> None:
     click.echo(click.style("error: ", fg="red", bold=True) + message, err=True)
 

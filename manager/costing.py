@@ -29,14 +29,15 @@ def calibration_records() -> list[Any]:
 
 
 def price_plan(spec: JobSpec, plan: Plan) -> Plan:
-    from .pricing import find_offers, load_catalog, plan_offers
+    from .money import current_catalog
+    from .pricing import find_offers, plan_offers
 
     resources = spec.resources
     if plan.local:
         resources = resources.model_copy(update={"cloud": "local", "accelerators": None, "spot": False,
                                                  "nodes": 1, "region": None, "zone": None})
         spec = spec.model_copy(update={"resources": resources})
-    catalog = None if plan.local else load_catalog()
+    catalog = None if plan.local else current_catalog()
     offers = find_offers(resources, catalog)
     estimates, choice = plan_offers(spec, offers, calibration=calibration_records())
     rows = sorted(

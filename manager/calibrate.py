@@ -1,0 +1,40 @@
+"""After a run: store its measured training throughput, so later plans of the same
+model size on the same accelerator use it instead of the default efficiency."""
+
+from __future__ import annotations
+
+import statistics
+
+from optjob.specs import JobSpec
+
+from .plan import Plan
+from .store import Store
+
+
+def record_calibration(store: Store, name: str, plan: Plan) -> int:
+    """One record per train step that reported throughput; returns how many were stored."""
+    if plan.dry_run:
+        return 0  # the proxy model is not the planned one
+    from .pricing import model_params
+
+    job = store.job(name)
+    if job is None:
+        return 0
+    spec = JobSpec.model_validate_json(job.spec_json)
+    params = model_params(spec.model)[0]
+    accelerator = "cpu" if plan.local or not plan.chosen or not plan.chosen.accelerators else plan.chosen.accelerators
+    by_step: dict[int, list[float]] = {}
+    for _, e in store.events(name, kinds=("progress",)):
+        if e.get("kind") == "train" and e.get("tokens_per_s") and e.get("step", 0) > 1:
+            by_step.setdefault(int(e["index"]), []).append(float(e["tokens_per_s"]))
+    stored = 0
+    for index, values in by_step.items():
+        step = spec.pipeline[index]
+        precision = getattr(step, "precision", "fp32")
+        # Per node: the estimator multiplies by the node count itself.
+        tps = statistics.median(values) / max(1, plan.nodes)
+        store.add_calibration(name, accelerator, params, precision, tps)
+        stored += 1
+    return stored
+
+
