@@ -60,7 +60,8 @@ class Outcome:
     def raise_for_status(self) -> None:
         if self.reason == Reason.SUCCEEDED or not self.status.is_terminal():
             return
-        text = f"job {self.name} {self.status.value} ({self.reason.value if self.reason else '?'})" + (f": {self.message}" if self.message else "")
+        reason = self.reason.value if self.reason else "?"
+        text = f"job {self.name} {self.status.value} ({reason})" + (f": {self.message}" if self.message else "")
         if self.reason == Reason.BUDGET:
             raise BudgetExceeded(text, hint="checkpoint kept; apply again with a larger budget to resume")
         if self.reason == Reason.CANCELLED:
@@ -167,8 +168,8 @@ class Controller:
         margin = STOP_MARGIN_S.get(plan.provider, 60.0)
         stop_reason: Reason | None = None
         try:
-            if (why := over_budget(budget, spent=self.store.spend(job.name), elapsed_s=job_elapsed_s(self.store, job.name),
-                                   usd_per_s=0.0, margin_s=0.0)):
+            spent, elapsed = self.store.spend(job.name), job_elapsed_s(self.store, job.name)
+            if why := over_budget(budget, spent=spent, elapsed_s=elapsed, usd_per_s=0.0, margin_s=0.0):
                 finalize(self.store, self.provider, job, JobStatus.STOPPED, Reason.BUDGET, why)
                 return self._outcome(self.store.job(job.name) or job)
             attempt = self._launch(job, plan, budget)
@@ -185,7 +186,8 @@ class Controller:
                             and recoveries < MAX_RECOVERIES:
                         recoveries += 1
                         self.store.update_job(job.name, status=JobStatus.RECOVERING)
-                        self.reporter.status(f"attempt {attempt.number} {obs.poll.state.value}; resuming from checkpoint")
+                        self.reporter.status(
+                            f"attempt {attempt.number} {obs.poll.state.value}; resuming from checkpoint")
                         attempt = self._launch(job, plan, budget)
                         continue
                     status, reason = final_status(obs.poll)

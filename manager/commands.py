@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import click
-
 from optjob.specs import load_spec
 from optjob.specs.errors import PlanInfeasible, UsageError
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from optjob.specs.errors import UsageError
 
 from . import paths
@@ -75,7 +74,8 @@ def cost_rows(store: Any, name: str) -> dict[str, Any]:
         end = a.ended_at or time.time()
         attempts.append({
             "attempt": a.number, "run": a.run, "status": a.status, "duration_s": round(end - a.started_at, 2),
-            "hourly_usd": a.hourly_usd, "nodes": a.nodes, "spot": bool(a.spot), "usd": round(store.spend(name, a.number), 6),
+            "hourly_usd": a.hourly_usd, "nodes": a.nodes, "spot": bool(a.spot),
+            "usd": round(store.spend(name, a.number), 6),
             "exit_code": a.exit_code, "ended_because": a.detail or a.status, "released": bool(a.released),
         })
     chosen = plan.get("chosen") or {}

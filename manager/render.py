@@ -74,7 +74,8 @@ def print_jobs(rows: list[dict[str, Any]]) -> None:
     if not rows:
         con.print("no jobs yet; start one with `optjob apply SPEC`")
         return
-    table = Table("name", "status", "step", "progress", "elapsed", "spent", "burn", "attempts", box=None, pad_edge=False)
+    table = Table("name", "status", "step", "progress", "elapsed", "spent", "burn", "attempts",
+                  box=None, pad_edge=False)
     for r in rows:
         status = r["status"] + (f" ({r['reason']})" if r["reason"] and r["reason"] != r["status"] else "")
         step = f"{r['step_index']}:{r['step_kind']}" if r["step_kind"] else "-"

@@ -198,7 +198,8 @@ class Store:
 
     # ---- attempts -------------------------------------------------------------------------------
 
-    def add_attempt(self, job: str, *, run: int, provider: str, hourly_usd: float, nodes: int, spot: bool) -> AttemptRow:
+    def add_attempt(self, job: str, *, run: int, provider: str, hourly_usd: float, nodes: int,
+                    spot: bool) -> AttemptRow:
         with self.tx() as db:
             number = db.execute(
                 "SELECT COALESCE(MAX(number), 0) + 1 FROM attempts WHERE job_name = ?", (job,)
@@ -221,7 +222,8 @@ class Store:
             db.execute(f"UPDATE attempts SET {cols} WHERE id = ?", (*values.values(), attempt_id))
 
     def attempts(self, job: str, run: int | None = None) -> list[AttemptRow]:
-        sql, args = "SELECT * FROM attempts WHERE job_name = ?", [job]
+        sql = "SELECT * FROM attempts WHERE job_name = ?"
+        args: list[Any] = [job]
         if run is not None:
             sql += " AND run = ?"
             args.append(run)
@@ -250,7 +252,8 @@ class Store:
 
     def events(self, job: str, *, kinds: tuple[str, ...] = (), after_id: int = 0, limit: int | None = None
                ) -> list[tuple[int, dict[str, Any]]]:
-        sql, args = "SELECT id, payload FROM events WHERE job_name = ? AND id > ?", [job, after_id]
+        sql = "SELECT id, payload FROM events WHERE job_name = ? AND id > ?"
+        args: list[Any] = [job, after_id]
         if kinds:
             sql += f" AND kind IN ({', '.join('?' * len(kinds))})"
             args.extend(kinds)
@@ -269,7 +272,8 @@ class Store:
             )
 
     def spend(self, job: str, attempt: int | None = None) -> float:
-        sql, args = "SELECT COALESCE(SUM(usd), 0) FROM ledger WHERE job_name = ?", [job]
+        sql = "SELECT COALESCE(SUM(usd), 0) FROM ledger WHERE job_name = ?"
+        args: list[Any] = [job]
         if attempt is not None:
             sql += " AND attempt = ?"
             args.append(attempt)
@@ -281,7 +285,8 @@ class Store:
         ).fetchone()
         return float(row[0])
 
-    def add_calibration(self, job: str, accelerator: str, model_params: int, precision: str, tokens_per_s: float) -> None:
+    def add_calibration(self, job: str, accelerator: str, model_params: int, precision: str,
+                        tokens_per_s: float) -> None:
         with self.tx() as db:
             db.execute(
                 "INSERT INTO calibration (ts, job_name, accelerator, model_params, precision, tokens_per_s) "

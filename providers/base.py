@@ -68,7 +68,8 @@ class Handle:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Handle:
-        return cls(provider=d["provider"], cluster=d["cluster"], attempt=int(d["attempt"]), data=dict(d.get("data", {})))
+        return cls(provider=d["provider"], cluster=d["cluster"], attempt=int(d["attempt"]),
+                   data=dict(d.get("data", {})))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ manager, or ``optjob status`` in another terminal, still learns how it ended).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -128,10 +129,8 @@ class LocalProvider(Provider):
             pass
 
     def _signal(self, handle: Handle, sig: signal.Signals) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(int(handle.data["pgid"]), sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def teardown(self, handle: Handle) -> None:
         pid = int(handle.data["pid"])

@@ -64,13 +64,12 @@ class JobSpec(StrictModel):
     @model_validator(mode="after")
     def _chain(self) -> JobSpec:
         check_pipeline(self)
-        if self.resources.spot is not False and self.resources.cloud not in ("local",):
-            if not self.storage.is_remote:
-                raise PathError(
-                    ("storage", "artifacts"),
-                    "spot cloud runs need storage.artifacts: s3://bucket/prefix, "
-                    "so a relaunched attempt can resume from its checkpoints",
-                )
+        if self.resources.spot is not False and self.resources.cloud != "local" and not self.storage.is_remote:
+            raise PathError(
+                ("storage", "artifacts"),
+                "spot cloud runs need storage.artifacts: s3://bucket/prefix, "
+                "so a relaunched attempt can resume from its checkpoints",
+            )
         return self
 
 
@@ -148,7 +147,8 @@ def _check_hpo(spec: JobSpec, steps: list[StepBase], i: int, step: HpoStep) -> N
             if spec.model.init is None:
                 raise PathError(where, "model.init.* can only be searched when the model is built from model.init")
             if parts[2] not in HPO_ARCH_FIELDS:
-                raise PathError(where, f"model.init.{parts[2]} cannot be searched; use one of {', '.join(HPO_ARCH_FIELDS)}")
+                raise PathError(where, f"model.init.{parts[2]} cannot be searched; "
+                                       f"use one of {', '.join(HPO_ARCH_FIELDS)}")
             continue
         if len(parts) == 2 and parts[0] in ("train", "distill"):
             if parts[0] != nxt.kind:

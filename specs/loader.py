@@ -25,7 +25,7 @@ from .steps import STEP_TYPES
 MAX_BYTES = 1_000_000
 MAX_DEPTH = 64
 MAX_NODES = 100_000
-Loc = tuple[Union[str, int], ...]
+Loc = tuple[str | int, ...]
 
 
 class _Loader(yaml.SafeLoader):
@@ -99,7 +99,7 @@ def _parse(text: str | bytes, source: str) -> tuple[yaml.Node, Any]:
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
+        mark: Any = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = exc.problem or exc.context or "invalid YAML"
         raise SpecError(f"{where}: YAML syntax error: {problem}") from None
@@ -123,14 +123,14 @@ def _check_shape(text: str, source: str) -> None:
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:
-                m = event.start_mark
+                m: Any = event.start_mark
                 raise SpecError(f"{source}:{m.line + 1}:{m.column + 1}: nested deeper than {MAX_DEPTH} levels")
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             depth -= 1
         elif isinstance(event, yaml.DocumentStartEvent) and (docs := docs + 1) > 1:
             m = event.start_mark
             raise SpecError(f"{source}:{m.line + 1}:{m.column + 1}: one document per spec file, found a second")
-        nodes += 1
+        nodes += 1  # noqa: SIM113 - counts events, not loop positions
         if nodes > MAX_NODES:
             raise SpecError(f"{source}: more than {MAX_NODES:,} YAML nodes; a spec is far smaller")
 

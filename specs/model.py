@@ -54,7 +54,7 @@ class ModelInit(StrictModel):
     def mlp_width(self) -> int:
         if self.intermediate is not None:
             return self.intermediate
-        return max(64, int(round(self.hidden * 8 / 3 / 64)) * 64)
+        return max(64, round(self.hidden * 8 / 3 / 64) * 64)
 
     def approx_params(self) -> int:
         """Parameter count estimate (embeddings included), used by the planner."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import builtins
 import difflib
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BeforeValidator, Discriminator, Field, Tag, model_validator
 from pydantic_core import PydanticCustomError
@@ -92,13 +92,14 @@ class TrainStep(TrainOptions):
 
 
 Metric = Literal["perplexity", "accuracy", "latency", "size", "memory"]
+DEFAULT_METRICS: tuple[Metric, ...] = ("perplexity", "accuracy", "latency", "size")
 
 
 class EvaluateStep(StepBase):
     """Measure the current model: quality, speed and size."""
 
     kind: ClassVar[str] = "evaluate"
-    metrics: list[Metric] = Field(default_factory=lambda: ["perplexity", "accuracy", "latency", "size"])
+    metrics: list[Metric] = Field(default_factory=lambda: list(DEFAULT_METRICS))
     """Which measurements to take."""
     batch_size: int = Field(8, ge=1)
     """Sequences per evaluation batch."""
@@ -298,14 +299,12 @@ class QuantizeEntry(_Entry):
 
 
 StepEntry = Annotated[
-    Union[
-        Annotated[TrainEntry, Tag("train")],
-        Annotated[EvaluateEntry, Tag("evaluate")],
-        Annotated[HpoEntry, Tag("hpo")],
-        Annotated[PruneEntry, Tag("prune")],
-        Annotated[DistillEntry, Tag("distill")],
-        Annotated[QuantizeEntry, Tag("quantize")],
-    ],
+    Annotated[TrainEntry, Tag("train")]
+    | Annotated[EvaluateEntry, Tag("evaluate")]
+    | Annotated[HpoEntry, Tag("hpo")]
+    | Annotated[PruneEntry, Tag("prune")]
+    | Annotated[DistillEntry, Tag("distill")]
+    | Annotated[QuantizeEntry, Tag("quantize")],
     Discriminator(_entry_kind),
 ]
 
@@ -322,8 +321,8 @@ __all__ = [
     "HpoStep",
     "PruneStep",
     "QuantizeStep",
-    "StepBase",
     "Step",
+    "StepBase",
     "StepEntry",
     "TrainOptions",
     "TrainStep",

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from optjob.manager import paths
 from optjob.manager.apply import Controller
 from optjob.manager.plan import make_plan
@@ -135,9 +134,9 @@ def test_second_apply_attaches_while_running(home, standin_python, monkeypatch):
 def test_resume_counts_earlier_spend(home, standin_python, monkeypatch):
     monkeypatch.setenv("STANDIN_STEPS", "100000")
     s = spec("resources: {hourly_usd: 3600}\nbudget: {max_usd: 5}\n")
-    store, first = run(LocalProvider(python=standin_python), s)
+    _, first = run(LocalProvider(python=standin_python), s)
     assert first.reason == Reason.BUDGET
     # Re-applying with the same cap: the spend already made counts, so it stops at once.
-    store, second = run(LocalProvider(python=standin_python), s)
+    _, second = run(LocalProvider(python=standin_python), s)
     assert second.reason == Reason.BUDGET and second.spent_usd <= 5.0
     assert Path(paths.job_dir("tiny")).exists()

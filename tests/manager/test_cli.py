@@ -25,7 +25,8 @@ def run(*args: str, home: Path, check_rc: int | None = None, env: dict | None = 
 
 def test_cli_import_stays_light():
     code = ("import sys, optjob.manager.cli, optjob.manager.commands, optjob.manager.apply, optjob.manager.plan;"
-            "heavy = [m for m in ('torch', 'transformers', 'sky', 'boto3', 'optuna', 'matplotlib') if m in sys.modules];"
+            "heavy = [m for m in ('torch', 'transformers', 'sky', 'boto3', 'optuna', 'matplotlib')"
+            " if m in sys.modules];"
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

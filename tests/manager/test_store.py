@@ -7,7 +7,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from optjob.manager.schema import SCHEMA_VERSION
 from optjob.manager.status import JobStatus, Reason
 from optjob.manager.store import Store

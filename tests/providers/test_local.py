@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from optjob.providers.base import AttemptState, Handle, LaunchRequest, Poll
 from optjob.providers.local import LocalProvider
 from optjob.specs import loads_spec

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from optjob.specs import JobSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[2]

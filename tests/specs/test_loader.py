@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from optjob.specs import JobSpec, SpecError, load_spec, loads_spec
 
 GOOD = """\
@@ -21,7 +20,8 @@ steps:
 # (document, line, column or None, field path, words the message must contain)
 MALFORMED = [
     ("name: tiny\nmodel: {init: {}}\nsteps:\n  - train: {lr: -1}\n", 4, 17, "steps[0].train.lr", "greater than 0"),
-    ("name: tiny\nmodel: {init: {}}\nsteps:\n  - train: {lrr: 0.1}\n", 4, 13, "steps[0].train.lrr", "did you mean 'lr'"),
+    ("name: tiny\nmodel: {init: {}}\nsteps:\n  - train: {lrr: 0.1}\n", 4, 13, "steps[0].train.lrr",
+     "did you mean 'lr'"),
     ("name: tiny\nmodel: {init: {}}\nsteps:\n  - trian: {}\n", 4, 5, "steps[0]", "did you mean 'train'"),
     ("name: tiny\nmodel: {init: {}}\nsteps:\n  - {train: {}, evaluate: {}}\n", 4, 5, "steps[0]", "exactly one key"),
     ("name: Tiny\nmodel: {init: {}}\nsteps: [{train: {}}]\n", 1, 7, "name", "lowercase"),
