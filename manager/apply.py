@@ -20,13 +20,15 @@ from typing import Any, Protocol
 
 from optjob.providers.base import AttemptState, Handle, LaunchRequest, Provider
 from optjob.specs import JobSpec
-from optjob.specs.errors import BudgetExceeded, Interrupted, JobFailed
+from optjob.specs.errors import BudgetExceeded, Interrupted, JobFailed, UsageError
+from optjob.specs.steps import TrainOptions
 from optjob.steps.layout import JobFile
 
 from . import paths
 from .calibrate import record_calibration
 from .meter import STOP_MARGIN_S, Budget, job_elapsed_s, over_budget, rate_usd_per_s, seconds_left
 from .plan import Plan
+from .rehearsal import Rehearsal
 from .reconcile import final_status, finalize, observe, owner_alive, reconcile_orphaned
 from .status import JobStatus, Reason
 from .store import AttemptRow, JobRow, Store
@@ -91,8 +93,10 @@ class Controller:
     """Runs one plan to its end. ``provider`` and ``store`` are injected (tests pass their own)."""
 
     def __init__(self, store: Store, provider: Provider, *, reporter: Reporter | None = None,
-                 tick_s: float = 0.5, on_launch: Callable[[Handle, AttemptRow], None] | None = None) -> None:
+                 tick_s: float = 0.5, on_launch: Callable[[Handle, AttemptRow], None] | None = None,
+                 rehearsal: Rehearsal | None = None) -> None:
         self.store, self.provider = store, provider
+        self.rehearsal = rehearsal
         self.reporter = reporter or Silent()
         self.tick_s = tick_s
         self.on_launch = on_launch
@@ -161,6 +165,8 @@ class Controller:
         self.store.update_job(job.name, status=JobStatus.RUNNING)
         if self.on_launch:
             self.on_launch(handle, attempt)
+        if self.rehearsal:
+            self.rehearsal.on_launch()
         return attempt
 
     def _run(self, job: JobRow, plan: Plan, *, detach: bool) -> Outcome:
@@ -181,6 +187,9 @@ class Controller:
                 obs = observe(self.store, self.provider, job, attempt)
                 for event in obs.events:
                     self.reporter.event(event)
+                if self.rehearsal and not obs.poll.state.is_terminal() and self.rehearsal.observe(obs.events):
+                    self._rehearse_kill(attempt, plan)
+                    continue
                 if obs.poll.state.is_terminal():
                     if obs.poll.state in (AttemptState.PREEMPTED, AttemptState.LOST) and stop_reason is None \
                             and recoveries < MAX_RECOVERIES:
@@ -204,6 +213,23 @@ class Controller:
                 time.sleep(self.tick_s)
         except KeyboardInterrupt:
             return self._interrupt(job)
+
+    def _rehearse_kill(self, attempt: AttemptRow, plan: Plan) -> None:
+        assert self.rehearsal is not None
+        kill_fn = getattr(self.provider, "kill", None)
+        if kill_fn is None:
+            raise UsageError(f"preemption rehearsal needs a provider that can kill its workload ({plan.provider} cannot)")
+        spec = JobSpec.model_validate_json(self.store.job(attempt.job_name).spec_json)  # type: ignore[union-attr]
+        every = {i: s.checkpoint_every for i, s in enumerate(spec.pipeline) if isinstance(s, TrainOptions)}
+        kill = self.rehearsal.record(attempt.number, every)
+        self.reporter.status(kill.describe())
+        handle = Handle.from_json(attempt.handle or {})
+        kill_fn(handle)
+        deadline = time.time() + 30
+        while time.time() < deadline and not self.provider.poll(handle).state.is_terminal():
+            time.sleep(0.05)
+        attempt.detail = kill.describe()
+        self.store.update_attempt(attempt.id, detail=attempt.detail)
 
     def _interrupt(self, job: JobRow) -> Outcome:
         self.reporter.status("interrupted: checkpointing and stopping (Ctrl-C again to kill)")

@@ -78,11 +78,16 @@ def plan(spec: str, local: bool, as_json: bool) -> None:
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--detach", is_flag=True, help="Launch and return; follow with `optjob status` / `logs`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON, no live display.")
-def apply(spec: str, local: bool, dry_run: bool, yes: bool, detach: bool, as_json: bool) -> None:
+@click.option("--simulate-preemption", "kills", type=click.IntRange(0, 100), default=0, metavar="N",
+              help="Local rehearsal: SIGKILL the workload N times at random points and resume, as spot would.")
+@click.option("--preemption-seed", type=int, default=0, show_default=True, help="Seed for the kill points.")
+def apply(spec: str, local: bool, dry_run: bool, yes: bool, detach: bool, as_json: bool, kills: int,
+          preemption_seed: int) -> None:
     """Validate, plan, provision, run every step, tear down, report."""
     from .commands import apply_command
 
-    apply_command(spec, local=local, dry_run=dry_run, yes=yes, detach=detach, as_json=as_json)
+    apply_command(spec, local=local, dry_run=dry_run, yes=yes, detach=detach, as_json=as_json,
+                  kills=kills, preemption_seed=preemption_seed)
 
 
 @cli.command()

@@ -50,7 +50,8 @@ def plan_command(spec_path: str, *, local: bool, as_json: bool) -> None:
     check_feasible(plan)
 
 
-def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, detach: bool, as_json: bool) -> None:
+def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, detach: bool, as_json: bool,
+                  kills: int = 0, preemption_seed: int = 0) -> None:
     from .apply import Controller
     from .render import print_plan
 
@@ -59,6 +60,10 @@ def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, deta
     if dry_run:
         spec = spec.model_copy(update={"name": f"{spec.name[:32]}-dry-run"})
     plan = make_plan(spec, spec_path, local=local, dry_run=dry_run)
+    if kills and not plan.local:
+        raise UsageError("--simulate-preemption rehearses on this machine: add --local or --dry-run")
+    if kills and detach:
+        raise UsageError("--simulate-preemption needs the manager attached: drop --detach")
     if not as_json:
         print_plan(plan)
     check_feasible(plan)
@@ -71,7 +76,10 @@ def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, deta
     store = open_store()
     provider = provider_for(plan.provider)
     reporter = None if as_json else LiveReporter(plan)
-    controller = Controller(store, provider, reporter=reporter)
+    from .rehearsal import Rehearsal
+
+    rehearsal = Rehearsal(kills, preemption_seed) if kills else None
+    controller = Controller(store, provider, reporter=reporter, rehearsal=rehearsal)
     try:
         outcome = controller.apply(plan, spec, detach=detach)
     finally:
@@ -88,6 +96,9 @@ def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, deta
         click.echo(f"{outcome.name}: {outcome.status.value}"
                    + (f" ({outcome.reason.value})" if outcome.reason else "")
                    + f", spent ${outcome.spent_usd:.4f} over {outcome.attempts} attempt(s); {outcome.job_dir}")
+        if rehearsal is not None:
+            lost = [k.lost_steps for k in rehearsal.done]
+            click.echo(f"rehearsal: {len(rehearsal.done)} kill(s) survived; work lost per kill (steps): {lost}")
         if cloud_plan is not None and cloud_plan.chosen is not None:
             c = cloud_plan.chosen
             click.echo(f"dry run passed; on {c.cloud} {c.accelerators or 'CPU'}{' spot' if c.spot else ''} "

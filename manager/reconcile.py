@@ -66,7 +66,8 @@ def observe(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow) 
         events += ingest(store, provider, job, attempt, handle)
     now = time.time()
     if poll.state.is_terminal() and attempt.ended_at is None:
-        store.update_attempt(attempt.id, status=poll.state, exit_code=poll.exit_code, detail=poll.detail, ended_at=now)
+        store.update_attempt(attempt.id, status=poll.state, exit_code=poll.exit_code,
+                             detail=attempt.detail or poll.detail, ended_at=now)
         attempt.status, attempt.exit_code, attempt.ended_at = poll.state.value, poll.exit_code, now
     elif not poll.state.is_terminal() and attempt.status != poll.state.value:
         store.update_attempt(attempt.id, status=poll.state)

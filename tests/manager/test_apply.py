@@ -140,3 +140,38 @@ def test_resume_counts_earlier_spend(home, standin_python, monkeypatch):
     _, second = run(LocalProvider(python=standin_python), s)
     assert second.reason == Reason.BUDGET and second.spent_usd <= 5.0
     assert Path(paths.job_dir("tiny")).exists()
+
+
+def test_preemption_rehearsal_kills_and_resumes(home, standin_python, monkeypatch):
+    from optjob.manager.rehearsal import Rehearsal
+
+    monkeypatch.setenv("STANDIN_STEPS", "12")
+    rehearsal = Rehearsal(kills=2, seed=3)
+    store = Store(paths.db_path())
+    s = spec()
+    out = Controller(store, LocalProvider(python=standin_python), tick_s=0.05, rehearsal=rehearsal).apply(
+        make_plan(s), s)
+    assert out.status == JobStatus.SUCCEEDED and out.attempts == 3
+    assert len(rehearsal.done) == 2
+    attempts = store.attempts("tiny")
+    assert [a.status for a in attempts] == ["preempted", "preempted", "succeeded"]
+    assert all("rehearsal kill at step" in (a.detail or "") for a in attempts[:2])
+
+def test_rehearsal_kill_points_follow_the_seed():
+    from optjob.manager.rehearsal import Rehearsal
+
+    def points(seed: int) -> list[int]:
+        r, out = Rehearsal(kills=5, seed=seed), []
+        for attempt in range(5):
+            r.on_launch()
+            n = 0
+            while not r.observe([{"event": "progress", "index": 0, "kind": "train", "step": n}]):
+                n += 1
+            out.append(n)
+            r.record(attempt + 1, {})
+        r.on_launch()
+        assert not r.observe([{"event": "progress"}] * 100)  # no kills beyond N
+        return out
+
+    assert points(7) == points(7)
+    assert points(7) != points(8)
