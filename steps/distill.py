@@ -1,0 +1,189 @@
+"""``distill``: train a smaller student to match the current model (the teacher).
+
+The student's config is the teacher's with ``student.layers / hidden / heads /
+intermediate`` changed. ``init: teacher_layers`` copies the embeddings, the final
+norm, the output head and evenly spaced teacher layers (every k-th, k = teacher
+layers / student layers), then cuts MLP neurons / heads the student lacks with the
+structured-pruning importance scores; ``init: random`` builds it fresh from ``seed``.
+
+Loss = alpha * KL(softmax(teacher / T) || softmax(student / T)) * T^2 + (1 - alpha) * CE.
+Training goes through ``train_loop`` (checkpoints, exact resume, progress events).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from optjob.specs import DistillStep
+from optjob.specs.errors import StepError
+from torch import nn
+
+from .context import StepContext, StepOutcome
+from .prune import rebuild, shrink
+
+#: ``model.layers.3.`` (llama, mistral, qwen2) or ``transformer.h.3.`` (gpt2).
+_LAYER_KEY = re.compile(r"^(?P<pre>(?:.*\.)?(?:layers|h))\.(?P<i>\d+)\.(?P<rest>.*)$")
+LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def pick_layers(n_teacher: int, n_student: int) -> list[int]:
+    """Evenly spaced teacher layers: every k-th when k = n_teacher / n_student is whole."""
+    if not 1 <= n_student <= n_teacher:
+        raise StepError(f"a student of {n_student} layers cannot be taken from {n_teacher} layers")
+    return [i * n_teacher // n_student for i in range(n_student)]
+
+
+def _set(config: Any, names: tuple[str, ...], value: Any) -> None:
+    for name in names:
+        if hasattr(config, name):
+            setattr(config, name, value)
+            return
+    setattr(config, names[0], value)
+
+
+def _with_layers(config: Any, layers: list[int]) -> Any:
+    new = copy.deepcopy(config)
+    _set(new, ("num_hidden_layers", "n_layer"), len(layers))
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and len(types) == config.num_hidden_layers:
+        new.layer_types = [types[i] for i in layers]
+    return new
+
+
+def student_config(teacher_config: Any, step: DistillStep) -> Any:
+    """The config of a randomly initialised student."""
+    s = step.student
+    cfg = _with_layers(teacher_config, list(range(s.layers or teacher_config.num_hidden_layers)))
+    hidden = s.hidden or teacher_config.hidden_size
+    heads = s.heads or teacher_config.num_attention_heads
+    if hidden % heads:
+        raise StepError(f"student hidden {hidden} is not divisible by its {heads} heads")
+    cfg.hidden_size = hidden
+    cfg.num_attention_heads = heads
+    if hasattr(cfg, "num_key_value_heads"):
+        kv = teacher_config.num_key_value_heads
+        same = kv == teacher_config.num_attention_heads
+        cfg.num_key_value_heads = heads if same or heads % kv else kv
+    if hasattr(cfg, "head_dim") and (s.hidden is not None or s.heads is not None):
+        cfg.head_dim = hidden // heads
+    if s.intermediate is not None:
+        _set(cfg, ("intermediate_size", "n_inner"), s.intermediate)
+    return cfg
+
+
+def copy_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """A model with ``layers`` of ``teacher`` (in order) and its embeddings, final norm
+    and output head."""
+    state: dict[str, torch.Tensor] = {}
+    where = {t: s for s, t in enumerate(layers)}
+    for key, value in teacher.state_dict().items():
+        m = _LAYER_KEY.match(key)
+        if m is None:
+            state[key] = value
+        elif int(m["i"]) in where:
+            state[f"{m['pre']}.{where[int(m['i'])]}.{m['rest']}"] = value
+    return rebuild(teacher, _with_layers(teacher.config, layers), state)
+
+
+def build_student(teacher: nn.Module, step: DistillStep, device: torch.device) -> nn.Module:
+    """The student, in fp32 on ``device``."""
+    s = step.student
+    cfg: Any = teacher.config
+    if step.init == "random":
+        from .modeling import build_from_config
+
+        fresh: nn.Module = build_from_config(student_config(cfg, step), seed=step.seed)
+        return fresh.to(device)
+    if s.hidden is not None and s.hidden != cfg.hidden_size:
+        raise StepError(
+            "init: teacher_layers copies weights, so the student must keep the teacher's "
+            f"hidden width ({cfg.hidden_size}); use init: random"
+        )
+    n_layers = cfg.num_hidden_layers
+    student = copy_layers(teacher, pick_layers(n_layers, s.layers or n_layers))
+    if s.intermediate is not None or s.heads is not None:
+        student = shrink(student, intermediate=s.intermediate, heads=s.heads)
+    return student.to(device=device, dtype=torch.float32)
+
+
+def distill_loss(teacher: nn.Module, temperature: float, alpha: float) -> LossFn:
+    """``loss_fn(student, batch[B, T+1])`` for ``train_loop``."""
+
+    def loss_fn(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        student = model(input_ids=inputs).logits.float()
+        vocab = student.shape[-1]
+        student = student.reshape(-1, vocab)
+        ce = F.cross_entropy(student, labels.reshape(-1))
+        if alpha == 0:
+            return ce
+        with torch.no_grad():
+            target = teacher(input_ids=inputs.to(_device(teacher))).logits.float()
+        target = target.reshape(-1, vocab).to(student.device)
+        kl = F.kl_div(
+            F.log_softmax(student / temperature, dim=-1),
+            F.log_softmax(target / temperature, dim=-1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        return alpha * kl * temperature**2 + (1 - alpha) * ce
+
+    return loss_fn
+
+
+def _config(model: nn.Module) -> Any:
+    return model.config
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(iter(model.state_dict().values())).device
+
+
+def prepare_teacher(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def distill_train(
+    ctx: StepContext, teacher: nn.Module, step: DistillStep, **train_kwargs: Any
+) -> tuple[nn.Module, Any]:
+    """Build the student and train it against ``teacher``: ``(student, TrainResult)``.
+    ``train_kwargs`` go to ``train_loop`` (checkpoint_dir, emit, report)."""
+    from .train import train_loop
+
+    teacher = prepare_teacher(teacher)
+    student = build_student(teacher, step, ctx.device)
+    loss_fn = distill_loss(teacher, step.temperature, step.alpha)
+    result = train_loop(ctx, student, step, loss_fn=loss_fn, **train_kwargs)
+    return result.model, result
+
+
+def run(ctx: StepContext, step: DistillStep, model: nn.Module) -> StepOutcome:
+    from .modeling import count_params
+
+    teacher_params = count_params(model)
+    n_teacher: int = _config(model).num_hidden_layers
+    student, result = distill_train(ctx, model, step, checkpoint_dir=ctx.step_dir() / "checkpoints")
+    n_student: int = _config(student).num_hidden_layers
+    student_params = count_params(student)
+    metrics: dict[str, Any] = {
+        "teacher_params": teacher_params,
+        "student_params": student_params,
+        "compression": teacher_params / student_params,
+        "student_layers": n_student,
+        "steps_done": result.steps_done,
+        "tokens_per_s": result.tokens_per_s,
+    }
+    if step.init == "teacher_layers":
+        metrics["teacher_layers_used"] = pick_layers(n_teacher, n_student)
+    if result.losses:
+        metrics["final_loss"] = result.losses[-1][1]
+    if result.best_eval_loss is not None:
+        metrics["best_eval_loss"] = result.best_eval_loss
+    return StepOutcome(model=student, metrics=metrics, extra={"losses": result.losses})

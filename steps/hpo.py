@@ -1,0 +1,321 @@
+"""``hpo``: an Optuna search over the next train/distill step's fields and model.init.
+
+The study lives in ``STEP_DIR/study.db`` (SQLite, named after the job), so a stopped
+search resumes: trials COMPLETE or PRUNED count toward ``trials``. Trials record a
+heartbeat; on start, a trial left RUNNING by a killed attempt is failed and re-queued
+with the same parameters (``RetryHeartbeatStaleTrialCallback``, optuna 5's name for
+``RetryFailedTrialCallback``). A trial interrupted by a stop request is re-queued too.
+
+Each trial trains a copy of the incoming model (or, when ``model.init.*`` keys are
+searched, a model rebuilt from the changed init) for ``trial_steps`` with no
+checkpoints and no events, then scores it on the eval split. The step returns the
+incoming model unchanged (or, when the best trial changed model.init, that model
+rebuilt as the runner would build it) and ``extra["overrides"]``, which the runner
+applies to the spec with ``apply_overrides`` before the next step runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any
+
+import optuna
+from optjob.specs import DistillStep, HpoStep, JobSpec, StepBase, TrainOptions
+from optjob.specs.errors import StepError
+from optjob.specs.model import ModelInit
+from optjob.specs.steps import Distribution, EvaluateStep
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+from pydantic import ValidationError
+from torch import nn
+
+from .context import StepContext, StepOutcome, StopRequested
+
+ARCH = "model.init"
+HEARTBEAT_S = 10
+GRACE_S = 30
+MAX_RETRY = 3
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def preflight(step: HpoStep, device: Any) -> None:
+    if step.sampler == "grid":
+        continuous = [k for k, d in step.space.items() if d.choice is None and d.int is None]
+        if continuous:
+            raise StepError(
+                f"the grid sampler needs discrete dimensions; {', '.join(continuous)} "
+                "are continuous",
+                hint="give them as choice: [...] or use sampler: tpe/random",
+            )
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def split_params(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"train.lr": 1e-3, "model.init.layers": 2}`` -> ``{"train": {"lr": 1e-3},
+    "model.init": {"layers": 2}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in params.items():
+        if key.startswith(ARCH + "."):
+            out.setdefault(ARCH, {})[key[len(ARCH) + 1 :]] = value
+        else:
+            section, _, name = key.partition(".")
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def tuned_index(pipeline: list[StepBase], hpo_index: int) -> int:
+    """Index of the train/distill step the hpo step at ``hpo_index`` tunes."""
+    for j in range(hpo_index + 1, len(pipeline)):
+        if not isinstance(pipeline[j], EvaluateStep):
+            if pipeline[j].kind in ("train", "distill"):
+                return j
+            break
+    raise StepError("hpo tunes the train or distill step after it, and there is none")
+
+
+def apply_overrides(
+    spec: JobSpec, hpo_index: int, overrides: dict[str, dict[str, Any]]
+) -> JobSpec:
+    """A new spec with the tuned step's fields and ``model.init`` fields replaced."""
+    data = spec.model_dump()
+    j = tuned_index(spec.pipeline, hpo_index)
+    kind = spec.pipeline[j].kind
+    for section, fields in overrides.items():
+        if not fields:
+            continue
+        if section == ARCH:
+            if data["model"].get("init") is None:
+                raise StepError("model.init overrides need a model built from model.init")
+            data["model"]["init"].update(fields)
+        elif section == kind:
+            data["steps"][j][kind].update(fields)
+        else:
+            raise StepError(f"hpo override for {section!r}, but steps[{j}] is {kind}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise StepError(f"the best hpo parameters make an invalid spec: {exc}") from None
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def grid_space(space: dict[str, Distribution]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for key, d in space.items():
+        if d.choice is not None:
+            out[key] = list(d.choice)
+        elif d.int is not None:
+            out[key] = list(range(d.int[0], d.int[1] + 1))
+        else:
+            raise StepError(f"the grid sampler cannot search the continuous {key}")
+    return out
+
+
+def make_sampler(step: HpoStep, seed: int) -> optuna.samplers.BaseSampler:
+    if step.sampler == "grid":
+        return optuna.samplers.GridSampler(grid_space(step.space), seed=seed)
+    if step.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def suggest(trial: optuna.Trial, key: str, d: Distribution) -> Any:
+    if d.log_uniform is not None:
+        return trial.suggest_float(key, *d.log_uniform, log=True)
+    if d.uniform is not None:
+        return trial.suggest_float(key, *d.uniform)
+    if d.int is not None:
+        return trial.suggest_int(key, *d.int)
+    return trial.suggest_categorical(key, d.choice)  # type: ignore[arg-type]
+
+
+def open_study(step: HpoStep, ctx: StepContext) -> optuna.Study:
+    """Create or load the study; fail and re-queue trials a killed attempt left RUNNING."""
+    ctx.step_dir().mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+        storage = RDBStorage(
+            url=f"sqlite:///{ctx.step_dir() / 'study.db'}",
+            engine_kwargs={"connect_args": {"timeout": 60}},
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=retry,
+        )
+        pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()  # None means median
+        if step.pruner == "median":
+            pruner = optuna.pruners.MedianPruner(n_startup_trials=2)
+        study = optuna.create_study(storage=storage, study_name=ctx.spec.name, pruner=pruner,
+                                    direction=step.direction, load_if_exists=True)
+        optuna.storages.fail_stale_trials(study)
+        # One process drives a job's study, so anything still RUNNING is an orphan.
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study.tell(t.number, state=TrialState.FAIL)
+            retry(study, study.get_trials(deepcopy=False)[t.number])
+    # Seeded by how far the study got, so a resumed search does not replay its samples.
+    study.sampler = make_sampler(step, step.seed + len(study.trials))
+    return study
+
+
+def trial_record(t: FrozenTrial) -> dict[str, Any]:
+    value = t.value if t.value is not None and math.isfinite(t.value) else None
+    return {"number": t.number, "params": dict(t.params), "value": value,
+            "state": t.state.name.lower(), **t.user_attrs}
+
+
+def trial_options(
+    base: TrainOptions, fields: dict[str, Any], trial_steps: int, pruner: bool
+) -> TrainOptions:
+    """The tuned step's options with ``fields`` applied, cut to ``trial_steps``."""
+    data = {**base.model_dump(), **fields}
+    full = max(1, int(data["max_steps"]))
+    data["max_steps"] = trial_steps
+    data["warmup_steps"] = min(trial_steps, round(int(data["warmup_steps"]) * trial_steps / full))
+    data["eval_every"] = max(1, trial_steps // 4) if pruner else None
+    data["early_stopping"] = None
+    data["log_every"] = min(int(data["log_every"]), trial_steps)
+    try:
+        return type(base).model_validate(data)
+    except ValidationError as exc:
+        raise StepError(f"hpo trial options are invalid: {exc}") from None
+
+
+def changed_init(spec: JobSpec, arch: dict[str, Any]) -> ModelInit:
+    if spec.model.init is None:
+        raise StepError("model.init.* can only be searched for a model built from model.init")
+    try:
+        return ModelInit.model_validate({**spec.model.init.model_dump(), **arch})
+    except ValidationError as exc:
+        raise StepError(f"invalid architecture {arch}: {exc}") from None
+
+
+def build_arch(ctx: StepContext, model: nn.Module, init: ModelInit, seed: int) -> nn.Module:
+    """A fresh model of ``init``, built as the runner builds a job's first model
+    (vocabulary and special tokens from the tokenizer, else from ``model``'s config)."""
+    from .modeling import build_model
+
+    config: Any = model.config
+    source = ctx.tokenizer if ctx.tokenizer is not None else config
+    vocab = len(ctx.tokenizer) if ctx.tokenizer is not None else int(config.vocab_size)
+    special = {k: getattr(source, k, None) for k in SPECIAL_TOKENS}
+    built: nn.Module = build_model(init, vocab, seed, **special)
+    return built.to(ctx.device)
+
+
+def first_seed(spec: JobSpec) -> int:
+    """The seed the runner builds a model.init model with."""
+    return next((getattr(s, "seed", 0) for s in spec.pipeline if s.kind in ("train", "distill")), 0)
+
+
+class Objective:
+    """One trial: build or copy the model, train it briefly, score it."""
+
+    def __init__(self, ctx: StepContext, step: HpoStep, model: nn.Module) -> None:
+        self.ctx, self.step, self.model = ctx, step, model
+        pipeline = ctx.spec.pipeline
+        self.tuned = pipeline[tuned_index(pipeline, ctx.index)]
+        assert isinstance(self.tuned, TrainOptions)
+
+    def fresh_model(self, arch: dict[str, Any], seed: int) -> nn.Module:
+        if not arch:
+            return copy.deepcopy(self.model)
+        try:
+            init = changed_init(self.ctx.spec, arch)
+        except StepError as exc:
+            raise optuna.TrialPruned(str(exc)) from None
+        return build_arch(self.ctx, self.model, init, seed)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from .distill import distill_train
+        from .evaluate import eval_loss, perplexity
+        from .train import train_loop
+
+        ctx, step = self.ctx, self.step
+        ctx.stop.check()
+        params = {key: suggest(trial, key, d) for key, d in step.space.items()}
+        parts = split_params(params)
+        opts = trial_options(self.tuned, parts.get(self.tuned.kind, {}), step.trial_steps,
+                             step.pruner == "median")
+        model = self.fresh_model(parts.get(ARCH, {}), opts.seed)
+        sign = 1.0 if step.direction == "minimize" else -1.0
+
+        def report(at: int, loss: float) -> None:
+            trial.report(sign * loss, at)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {at} (eval loss {loss:.4f})")
+
+        kwargs: dict[str, Any] = {"checkpoints": False, "emit": False, "report": report}
+        try:
+            if isinstance(opts, DistillStep):
+                model, _ = distill_train(ctx, model, opts, **kwargs)
+            else:
+                model = train_loop(ctx, model, opts, **kwargs).model
+        except StepError as exc:  # a diverged trial is a bad trial, not a failed search
+            if "diverged" not in str(exc):
+                raise
+            trial.set_user_attr("error", str(exc))
+            return sign * math.inf
+        loss, acc = eval_loss(model, ctx.corpus, opts.batch_size, opts.eval_batches, ctx.device)
+        trial.set_user_attr("eval_loss", loss)
+        trial.set_user_attr("accuracy", acc)
+        value = {"eval_loss": loss, "perplexity": perplexity(loss), "accuracy": acc}[step.metric]
+        return value if math.isfinite(value) else sign * math.inf
+
+
+def run(ctx: StepContext, step: HpoStep, model: nn.Module) -> StepOutcome:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    objective = Objective(ctx, step, model)
+    study = open_study(step, ctx)
+    target = step.trials
+    if step.sampler == "grid":
+        target = min(target, math.prod(len(v) for v in grid_space(step.space).values()))
+    done = len(study.get_trials(deepcopy=False, states=COUNTED))
+
+    def on_trial(study: optuna.Study, t: FrozenTrial) -> None:
+        rec = trial_record(t)
+        ctx.emit("trial", number=rec["number"], params=rec["params"], value=rec["value"],
+                 state=rec["state"])
+
+    if done < target:
+        try:
+            study.optimize(objective, n_trials=target - done, callbacks=[on_trial])
+        except StopRequested:  # re-queue the interrupted trial for the resumed search
+            last = study.trials[-1]
+            if last.state == TrialState.FAIL:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    RetryHeartbeatStaleTrialCallback()(study, last)
+            raise
+    finished = [t for t in study.trials if t.state.is_finished()]
+    complete = [t for t in finished if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise StepError(f"no hpo trial completed ({len(finished)} finished)")
+    best = study.best_trial
+    overrides = split_params(best.params)
+    overrides.setdefault(objective.tuned.kind, {})
+    overrides.setdefault(ARCH, {})
+    metrics: dict[str, Any] = {
+        "metric": step.metric,
+        "best_value": best.value,
+        "best_trial": best.number,
+        "trials_complete": len(complete),
+        "trials_pruned": sum(t.state == TrialState.PRUNED for t in finished),
+        "trials_failed": sum(t.state == TrialState.FAIL for t in finished),
+        **{f"best.{k}": v for k, v in best.params.items()},
+    }
+    extra = {
+        "best_params": dict(best.params),
+        "overrides": overrides,
+        "trials": [trial_record(t) for t in finished],
+    }
+    if overrides[ARCH]:  # the next step starts from the best architecture
+        tuned = apply_overrides(ctx.spec, ctx.index, overrides)
+        assert tuned.model.init is not None
+        model = build_arch(ctx, model, tuned.model.init, first_seed(tuned))
+    return StepOutcome(model=model, metrics=metrics, extra=extra)
