@@ -30,7 +30,8 @@ from typing import Any, TextIO
 
 PROTOCOL_VERSION = 1
 KINDS = frozenset(
-    {"step_started", "progress", "metrics", "checkpoint", "trial", "step_done", "stopped", "job_done", "error"}
+    {"step_started", "progress", "metrics", "checkpoint", "trial", "step_done", "stopped",
+     "job_done", "error"}
 )
 _PREFIX = '{"event": '
 

@@ -6,7 +6,8 @@
       job.json                   what the workload runs (written by the manager; see JobFile)
       logs/attempt-N.log         everything the workload printed in attempt N (local provider)
       steps/NN-KIND/             one folder per step (NN = index, zero-padded)
-        model/                   the step's output model (save_pretrained, or quantized state + recipe)
+        model/                   the step's output model (save_pretrained, or quantized
+                                 state + recipe)
         checkpoints/             resumable checkpoints of a training-like step
         done.json                written atomically when the step finished: its metrics
       results.json               every step's metrics, written after each step
@@ -43,7 +44,8 @@ class JobFile:
 
     spec: dict[str, Any]
     dry_run: bool = False
-    #: "auto" picks cuda > mps > cpu; "cpu" forces the CPU (apply --local on a GPU box still uses it).
+    #: "auto" picks cuda > mps > cpu; "cpu" forces the CPU (apply --local on a GPU box
+    #: still uses it).
     device: str = "auto"
     #: Folder for caches shared across jobs (corpus, tokenizer): OPTJOB_HOME/cache.
     cache_dir: str | None = None

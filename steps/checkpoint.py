@@ -1,0 +1,149 @@
+"""Resumable training checkpoints, written so a crash never leaves a half one in use.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNN`` of ``torch.save`` files plus
+``manifest.json`` (each file's sha256). It is written into a temporary folder and
+renamed into place; on resume the newest checkpoint whose manifest checks out wins,
+so a truncated or corrupted newest one falls back to the one before."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+KEEP = 2
+_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(root: Path, step: int, parts: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write ``parts`` (name -> object for ``torch.save``) and ``meta`` (JSON) as the
+    checkpoint for ``step``; keep the newest ``KEEP`` checkpoints. Returns its folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    final = root / checkpoint_name(step)
+    try:
+        digests: dict[str, str] = {}
+        for name, obj in parts.items():
+            file = tmp / f"{name}.pt"
+            with open(file, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            digests[file.name] = _sha256(file)
+        meta_file = tmp / "meta.json"
+        meta_file.write_text(json.dumps({"step": step, **meta}, default=str))
+        digests[meta_file.name] = _sha256(meta_file)
+        manifest = {"step": step, "files": digests}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(root)
+    return final
+
+
+def _prune(root: Path) -> None:
+    for old in list_checkpoints(root)[KEEP:]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stray in root.glob(".tmp-*"):  # left by a process killed mid-write
+        if stray.is_dir():
+            shutil.rmtree(stray, ignore_errors=True)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders, newest first (valid or not)."""
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()
+    ]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def verify(folder: Path) -> bool:
+    """True if the manifest is readable and every file it lists has its recorded sha256."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+        if "meta.json" not in files:
+            return False
+        return all(_sha256(folder / name) == digest for name, digest in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+    for folder in list_checkpoints(root):
+        if verify(folder):
+            return folder
+        print(
+            f"checkpoint {folder} is incomplete or corrupt: skipping it",
+            file=sys.stderr,
+            flush=True,
+        )
+    return None
+
+
+def load_checkpoint(
+    folder: Path, map_location: Any = "cpu"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(parts, meta)`` of a checkpoint written by ``save_checkpoint``."""
+    meta = json.loads((folder / "meta.json").read_text())
+    parts = {}
+    for file in sorted(folder.glob("*.pt")):
+        # Our own files: RNG states hold numpy/python objects that weights_only refuses.
+        parts[file.stem] = torch.load(file, map_location=map_location, weights_only=False)
+    return parts, meta
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

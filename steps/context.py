@@ -1,0 +1,147 @@
+"""What a step gets to work with (``StepContext``), what it returns (``StepOutcome``),
+and the stop flag that turns a signal or the budget deadline into a graceful stop."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from . import layout
+from .events import Emitter
+
+if TYPE_CHECKING:
+    import torch
+    from optjob.specs import JobSpec, StepBase
+    from torch import nn
+
+    from .data import Corpus
+
+#: Seconds kept in hand before the deadline (OPTJOB_DEADLINE_MARGIN overrides).
+DEFAULT_MARGIN_S = 20.0
+
+
+class StopRequested(BaseException):
+    """Raised (by ``StopFlag.check`` or a training loop) to end the run gracefully.
+
+    ``reason`` is "deadline" or "signal"; ``step`` is the optimizer step reached, if any.
+    A BaseException, like KeyboardInterrupt, so ``except Exception`` blocks (and optuna's
+    trial runner) let it through to the runner."""
+
+    def __init__(self, reason: str, step: int | None = None) -> None:
+        super().__init__(
+            f"stop requested: {reason}" + (f" at step {step}" if step is not None else "")
+        )
+        self.reason = reason
+        self.step = step
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT, or tripped by the budget deadline (unix seconds).
+
+    The deadline trips ``margin`` seconds early, and earlier still when single steps
+    (reported through ``observe``) are slow, so a checkpoint fits before the deadline."""
+
+    def __init__(self, deadline: float | None = None, margin: float | None = None) -> None:
+        self.deadline = deadline
+        if margin is None:
+            margin = float(os.environ.get("OPTJOB_DEADLINE_MARGIN", DEFAULT_MARGIN_S))
+        self.margin = margin
+        self.slowest = 0.0
+        self.signalled = False
+
+    def request(self) -> None:
+        """Ask for a stop as a signal would."""
+        self.signalled = True
+
+    def observe(self, seconds: float) -> None:
+        """Report how long one unit of work (an optimizer step, a checkpoint) took."""
+        self.slowest = max(self.slowest, seconds)
+
+    def reason(self) -> str | None:
+        if self.signalled:
+            return "signal"
+        if (
+            self.deadline is not None
+            and time.time() + self.margin + 2 * self.slowest >= self.deadline
+        ):
+            return "deadline"
+        return None
+
+    def check(self, step: int | None = None) -> None:
+        reason = self.reason()
+        if reason is not None:
+            raise StopRequested(reason, step)
+
+    def install(self) -> None:
+        """Handle SIGTERM and SIGINT: the first sets the flag, a second exits at once."""
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if self.signalled:
+                print(f"signal {signum} again: stopping now", file=sys.stderr, flush=True)
+                raise StopRequested("signal")
+            print(f"signal {signum}: stopping after the current step", file=sys.stderr, flush=True)
+            self.signalled = True
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+@dataclass
+class StepOutcome:
+    """What a step's ``run`` returns: the model for the next step and what to record."""
+
+    model: nn.Module
+    metrics: dict[str, Any]
+    #: Larger records (loss curve, hpo trials); stored in done.json and results.json.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    spec: JobSpec
+    job_dir: Path
+    index: int
+    emitter: Emitter
+    device: torch.device
+    dry_run: bool
+    corpus: Corpus
+    tokenizer: Any
+    stop: StopFlag
+    cache_dir: Path | None = None
+    #: Folder of the model this step starts from (previous step's output), if on disk.
+    model_dir: Path | None = None
+    attempt: int = 1
+
+    @property
+    def step(self) -> StepBase:
+        return self.spec.pipeline[self.index]
+
+    @property
+    def kind(self) -> str:
+        return self.step.kind
+
+    def step_dir(self) -> Path:
+        return layout.step_dir(self.job_dir, self.index, self.kind)
+
+    def emit(self, event: str, /, **fields: Any) -> dict[str, Any]:
+        """Emit ``event`` with ``index`` and ``kind`` (the step kind) filled in."""
+        body = {"index": self.index, "kind": self.kind, **fields}
+        return self.emitter.emit(event, **finite(body))
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats replaced by None (events are strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj

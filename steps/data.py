@@ -1,0 +1,257 @@
+"""Text sources and the tokenized corpus the steps train and evaluate on.
+
+``load_text`` turns ``data.source`` into one string (cached for the builtin corpus);
+``build_corpus`` tokenizes it once (cached by hash) and splits train/eval."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from optjob.specs import JobSpec
+from optjob.specs.data import DataSpec
+from optjob.specs.errors import StepError
+
+#: Characters of text a dry run uses at most.
+DRY_RUN_CHARS = 200_000
+#: Stdlib folders whose docstrings are not prose worth training on.
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "turtledemo",
+    "lib2to3",
+}
+_TEXT_SUFFIXES = (".txt", ".md", ".text")
+_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+class Corpus:
+    """Token ids split into a train and an eval part (eval is the end of the text)."""
+
+    def __init__(self, ids: torch.Tensor, seq_len: int, eval_fraction: float) -> None:
+        ids = ids.to(torch.int64).flatten()
+        n_eval = max(int(len(ids) * eval_fraction), seq_len + 1)
+        if len(ids) - n_eval < seq_len + 1:
+            raise StepError(
+                f"the data has {len(ids):,} tokens: too few for seq_len {seq_len} and an eval "
+                f"split of {eval_fraction}; give more text or a shorter seq_len"
+            )
+        self.seq_len = seq_len
+        self.train_ids = ids[: len(ids) - n_eval]
+        self.eval_ids = ids[len(ids) - n_eval :]
+        self._window = torch.arange(seq_len + 1)
+
+    def __repr__(self) -> str:
+        n_train, n_eval = len(self.train_ids), len(self.eval_ids)
+        return f"Corpus(train={n_train:,} eval={n_eval:,} seq_len={self.seq_len})"
+
+    def train_batch(self, batch_size: int, step: int, seed: int) -> torch.Tensor:
+        """``[batch_size, seq_len + 1]`` random windows of the train split; a pure
+        function of ``(seed, step)``, so a resumed run sees the same batches."""
+        g = torch.Generator().manual_seed((seed * _SEED_MIX + step) % (2**63 - 1))
+        high = len(self.train_ids) - self.seq_len
+        starts = torch.randint(0, high, (batch_size,), generator=g)
+        return self.train_ids[starts[:, None] + self._window]
+
+    def eval_windows(self) -> int:
+        return (len(self.eval_ids) - 1) // self.seq_len
+
+    def eval_batches(
+        self, batch_size: int, max_batches: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Consecutive ``[B, seq_len + 1]`` windows of the eval split, overlapping by one
+        token so every eval token but the first is predicted exactly once."""
+        n = self.eval_windows()
+        starts = torch.arange(n) * self.seq_len
+        for b, i in enumerate(range(0, n, batch_size)):
+            if max_batches is not None and b >= max_batches:
+                return
+            yield self.eval_ids[starts[i : i + batch_size, None] + self._window]
+
+
+def load_text(data: DataSpec, cache_dir: Path) -> str:
+    """The text of ``data.source`` (at most ``data.max_chars`` characters)."""
+    kind = data.kind
+    if kind == "builtin":
+        text = python_docs(cache_dir)
+    elif kind == "hf":
+        text = _hub_text(data)
+    else:
+        text = _path_text(Path(data.source).expanduser(), data.text_field)
+    if data.max_chars is not None:
+        text = text[: data.max_chars]
+    if not text.strip():
+        raise StepError(f"data source {data.source!r} holds no text")
+    return text
+
+
+def python_docs(cache_dir: Path) -> str:
+    """``builtin:python-docs``: CPython's pydoc topics plus the stdlib's long docstrings.
+
+    Built from this interpreter's own files (no download); cached as a text file."""
+    version = "{}.{}".format(*sys.version_info[:2])
+    path = cache_dir / "corpus" / f"python-docs-{version}.txt"
+    if path.exists():
+        return path.read_text(encoding="utf-8")
+    import pydoc_data.topics as topics
+
+    parts = [topics.topics[k].strip() for k in sorted(topics.topics)]
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for file in sorted(root.rglob("*.py")):
+        if _SKIP_DIRS.intersection(file.relative_to(root).parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    parts.append(doc)
+    text = "\n\n".join(parts)
+    _write_atomic(path, text.encode("utf-8"))
+    return text
+
+
+def _hub_text(data: DataSpec) -> str:
+    name = data.source[3:]
+    try:
+        import datasets
+    except ImportError:
+        raise StepError(
+            f"data source {data.source!r}: hub datasets need network and the `datasets` package "
+            "(pip install datasets); or give a local .txt/.jsonl file or folder"
+        ) from None
+    parts = name.split("/")  # DATASET, ORG/DATASET or ORG/DATASET/CONFIG
+    repo, config = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
+    try:
+        ds = datasets.load_dataset(repo, config, split="train")
+    except Exception as exc:  # offline, unknown dataset, gated...
+        raise StepError(
+            f"could not load hub dataset {name!r}: {exc} (hub datasets need network on the node)"
+        ) from None
+    if data.text_field not in ds.column_names:
+        raise StepError(
+            f"hub dataset {name!r} has no field {data.text_field!r} (it has {ds.column_names})"
+        )
+    out: list[str] = []
+    total = 0
+    for row in ds:
+        out.append(str(row[data.text_field]))
+        total += len(out[-1]) + 2
+        if data.max_chars is not None and total >= data.max_chars:
+            break
+    return "\n\n".join(out)
+
+
+def _path_text(path: Path, field: str) -> str:
+    if not path.exists():
+        raise StepError(f"data source {str(path)!r} does not exist")
+    if path.is_dir():
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix in (*_TEXT_SUFFIXES, ".jsonl")
+        )
+        if not files:
+            raise StepError(f"data folder {str(path)!r} has no .txt, .md or .jsonl files")
+        return "\n\n".join(_file_text(p, field) for p in files)
+    return _file_text(path, field)
+
+
+def _file_text(path: Path, field: str) -> str:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StepError(f"cannot read data file {str(path)!r}: {exc}") from None
+    if path.suffix != ".jsonl":
+        return raw
+    out = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row: Any = json.loads(line)
+        except ValueError as exc:
+            raise StepError(f"{path}:{n}: not valid JSON: {exc}") from None
+        if not isinstance(row, dict) or field not in row:
+            raise StepError(f"{path}:{n}: no field {field!r} (set data.text_field)")
+        out.append(str(row[field]))
+    return "\n\n".join(out)
+
+
+def build_corpus(
+    spec: JobSpec, tokenizer: Any, cache_dir: Path, *, dry_run: bool, text: str | None = None
+) -> Corpus:
+    """Tokenize the data once (ids cached in ``cache_dir/tokens`` by hash) and split it."""
+    if text is None:
+        text = load_text(spec.data, cache_dir)
+    if dry_run:
+        text = text[:DRY_RUN_CHARS]
+    ids = encode_cached(text, tokenizer, cache_dir)
+    return Corpus(ids, spec.data.seq_len, spec.data.eval_fraction)
+
+
+def encode_cached(text: str, tokenizer: Any, cache_dir: Path) -> torch.Tensor:
+    """Token ids of ``text``: encoded in paragraph chunks (in parallel), cached as .npy."""
+    h = hashlib.sha256(text.encode("utf-8"))
+    h.update(_tokenizer_identity(tokenizer).encode("utf-8"))
+    path = cache_dir / "tokens" / f"{h.hexdigest()[:32]}.npy"
+    if path.exists():
+        try:
+            return torch.from_numpy(np.load(path).astype(np.int64))
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+    chunks = list(_chunks(text))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        encodings = backend.encode_batch(chunks, add_special_tokens=False)
+        seqs = [e.ids for e in encodings]
+    else:
+        seqs = [tokenizer.encode(c, add_special_tokens=False) for c in chunks]
+    dtype = np.int32 if len(tokenizer) < 2**31 else np.int64
+    ids = np.fromiter((i for s in seqs for i in s), dtype=dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+    np.save(tmp, ids)
+    os.replace(tmp, path)
+    return torch.from_numpy(ids.astype(np.int64))
+
+
+def _chunks(text: str, size: int = 16_384) -> Iterator[str]:
+    """Pieces of about ``size`` characters cut just before a blank line when there is one."""
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            cut = text.rfind("\n\n", start + 1, end)
+            if cut > start:
+                end = cut
+        yield text[start:end]
+        start = end
+
+
+def _tokenizer_identity(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
+    return f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,160 @@
+"""Measure a model: eval loss, perplexity, accuracy, latency, size, memory."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from optjob.specs import EvaluateStep
+from torch import nn
+
+from .context import StepContext, StepOutcome, StopFlag
+from .data import Corpus
+from .device import autocast, eval_mode, peak_memory_bytes, reset_peak_memory, synchronize
+from .modeling import count_params, model_size_bytes, nonzero_params, param_bytes
+
+PROMPT_TOKENS = 16
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so it stays a finite JSON number."""
+    return math.exp(min(loss, 700.0)) if math.isfinite(loss) else float("inf")
+
+
+@torch.no_grad()
+def eval_loss(
+    model: nn.Module,
+    corpus: Corpus,
+    batch_size: int,
+    max_batches: int | None,
+    device: torch.device,
+    *,
+    dtype: torch.dtype | None = None,
+    stop: StopFlag | None = None,
+) -> tuple[float, float]:
+    """(mean next-token loss, next-token accuracy) over the eval split, token-weighted.
+
+    Per-batch sums stay on the device until the end: one sync per call."""
+    losses: list[torch.Tensor] = []
+    hits: list[torch.Tensor] = []
+    count = 0
+    with eval_mode(model):
+        for batch in corpus.eval_batches(batch_size, max_batches):
+            batch = batch.to(device, non_blocking=True)
+            targets = batch[:, 1:]
+            with autocast(device, dtype):
+                logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+            logits = logits.float()
+            losses.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+            hits.append((logits.argmax(-1) == targets).sum())
+            count += targets.numel()
+            if stop is not None:
+                stop.check()
+    if count == 0:
+        return float("nan"), float("nan")
+    total = float(torch.stack(losses).cpu().double().sum())
+    correct = int(torch.stack(hits).cpu().sum())
+    return total / count, correct / count
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def _greedy(model: nn.Module, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding without a KV cache, for models that have no ``generate``."""
+    ids = prompt
+    for _ in range(n):
+        logits = model(input_ids=ids).logits
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
+def latency(model: nn.Module, ctx: StepContext, repeats: int, new_tokens: int) -> dict[str, float]:
+    """Median forward latency of one sequence, and of generating ``new_tokens`` greedily."""
+    device = ctx.device
+    seq = ctx.corpus.eval_ids[: ctx.corpus.seq_len][None].to(device)
+    prompt = seq[:, :PROMPT_TOKENS]
+    pad = getattr(ctx.tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(ctx.tokenizer, "eos_token_id", None) or 0
+
+    def forward() -> None:
+        model(input_ids=seq, use_cache=False)
+
+    def generate() -> None:
+        if hasattr(model, "generate"):
+            model.generate(  # type: ignore[operator]
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        else:
+            _greedy(model, prompt, new_tokens)
+
+    with eval_mode(model), torch.no_grad():
+        fwd = _median_ms(forward, repeats, device)
+        gen = _median_ms(generate, repeats, device)
+    return {"latency_ms": fwd, "gen_latency_ms": gen, "gen_tokens_per_s": new_tokens / (gen / 1000)}
+
+
+def evaluate_model(
+    ctx: StepContext,
+    model: nn.Module,
+    step: EvaluateStep | None = None,
+    model_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The metrics ``step.metrics`` asks for (default: perplexity, accuracy, latency, size).
+
+    ``size_bytes`` is the saved model's size when ``model_dir`` is given, otherwise the
+    bytes of its tensors in memory. ``peak_mem_bytes`` is always included where measurable."""
+    step = step or EvaluateStep()
+    wanted = set(step.metrics)
+    metrics: dict[str, Any] = {}
+    reset_peak_memory(ctx.device)
+    if wanted & {"perplexity", "accuracy"}:
+        loss, acc = eval_loss(model, ctx.corpus, step.batch_size, step.max_batches, ctx.device, stop=ctx.stop)
+        metrics["eval_loss"] = loss
+        if "perplexity" in wanted:
+            metrics["perplexity"] = perplexity(loss)
+        if "accuracy" in wanted:
+            metrics["accuracy"] = acc
+    if "latency" in wanted:
+        metrics.update(latency(model, ctx, step.latency_repeats, step.generate_tokens))
+    if "size" in wanted:
+        params = count_params(model)
+        nonzero = nonzero_params(model)
+        metrics["params"] = params
+        metrics["nonzero_params"] = nonzero
+        metrics["sparsity"] = 1.0 - nonzero / params if params else 0.0
+        metrics["size_bytes"] = (
+            model_size_bytes(model_dir) if model_dir is not None and Path(model_dir).is_dir() else param_bytes(model)
+        )
+    peak = peak_memory_bytes(ctx.device)
+    if peak is not None:
+        metrics["peak_mem_bytes"] = peak
+    return metrics
+
+
+def run(ctx: StepContext, step: EvaluateStep, model: nn.Module) -> StepOutcome:
+    metrics = evaluate_model(ctx, model, step, ctx.model_dir)
+    ctx.emit("metrics", metrics=metrics)
+    return StepOutcome(model=model, metrics=metrics)

@@ -1,0 +1,333 @@
+"""``python -m optjob.steps run JOB_DIR``: run a job's pipeline on this machine.
+
+Reads ``job.json``, builds the data, tokenizer and starting model, evaluates a
+baseline, runs each step (skipping finished ones, resuming a half-done training
+step from its checkpoint), saves each step's model, and reports JSON-lines events.
+
+Exit codes: 0 done, 1 failed (after an ``error`` event), 2 bad job file,
+4 stopped at the budget deadline, 143 stopped by a signal."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from optjob.specs import EvaluateStep, JobSpec
+from optjob.specs.errors import StepError
+from optjob.specs.model import ModelInit
+from torch import nn
+
+from . import layout
+from .context import StepContext, StepOutcome, StopFlag, StopRequested, finite
+from .data import DRY_RUN_CHARS, build_corpus, load_text
+from .device import pick_device, set_threads
+from .evaluate import evaluate_model
+from .events import Emitter
+from .modeling import initial_model, load_model, model_family, save_model
+from .tokenizer import load_tokenizer
+
+__all__ = ["StepOutcome", "main", "preflight", "proxy_spec", "step_module"]
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_JOB, EXIT_DEADLINE, EXIT_SIGNAL = 0, 1, 2, 4, 143
+
+
+def step_module(kind: str) -> ModuleType:
+    """``optjob.steps.<kind>``, the module with the step's ``run(ctx, step, model)``."""
+    name = f"{__package__}.{kind}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            raise StepError(f"step kind {kind!r} is not implemented on this node (no module {name})") from None
+        raise StepError(f"step {kind!r} cannot run: its module needs {exc.name!r}, which is not installed") from None
+    if not callable(getattr(module, "run", None)):
+        raise StepError(f"module {name} has no run(ctx, step, model)")
+    return module
+
+
+def preflight(spec: JobSpec, device: torch.device) -> None:
+    """Import every step's module and run its ``preflight(step, device)``, so a pipeline
+    that cannot finish fails before its first step rather than in the middle."""
+    for step in spec.pipeline:
+        check = getattr(step_module(step.kind), "preflight", None)
+        if check is not None:
+            check(step, device)
+
+
+#: What a dry run caps, per step kind: field -> the most it may be.
+_TRAIN_CAPS = {"max_steps": 5, "batch_size": 4, "grad_accum": 2, "checkpoint_every": 2,
+               "log_every": 1, "eval_batches": 2, "eval_every": 2}  # fmt: skip
+DRY_RUN_CAPS: dict[str, dict[str, int]] = {
+    "train": _TRAIN_CAPS,
+    "distill": _TRAIN_CAPS,
+    "prune": {"recover_steps": 5, "batch_size": 4},
+    "hpo": {"trials": 2, "trial_steps": 3},
+    "evaluate": {"max_batches": 2, "batch_size": 4, "latency_repeats": 2, "generate_tokens": 8},
+    "quantize": {"group_size": 32},
+}
+#: The dry run's model: 2 layers, 64 wide, 2 heads, MLP 128, vocab <= 512.
+DRY_RUN_MODEL = {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128}
+
+
+def proxy_spec(spec: JobSpec) -> JobSpec:
+    """The dry-run version of ``spec``: the same pipeline on a tiny model, a slice of the
+    data and a few optimizer steps, so every code path runs in seconds."""
+    d = spec.model_dump(mode="json")
+    init = d["model"]["init"] or {"family": model_family(spec.model), "vocab": 512}
+    kv = init.get("kv_heads")
+    init = {**init, **DRY_RUN_MODEL, "vocab": min(int(init.get("vocab", 512)), 512),
+            "kv_heads": None if kv is None or kv >= init.get("heads", 4) else 1}  # fmt: skip
+    d["model"] = {"init": init, "tokenizer": "builtin"}
+    data = d["data"]
+    data["max_chars"] = min(data["max_chars"] or DRY_RUN_CHARS, DRY_RUN_CHARS)
+    data["seq_len"] = min(data["seq_len"], 64)
+    for entry in d["steps"]:
+        kind, body = next(iter(entry.items()))
+        if kind == "evaluate" and body["max_batches"] is None:
+            body["max_batches"] = 2
+        for key, cap in DRY_RUN_CAPS.get(kind, {}).items():
+            if body.get(key) is not None:
+                body[key] = min(body[key], cap)
+        if "warmup_steps" in body:
+            body["warmup_steps"] = min(body["warmup_steps"], body["max_steps"])
+        if kind == "distill":
+            _shrink_student(body["student"], spec.model.init)
+    return JobSpec.model_validate(d)
+
+
+def _shrink_student(s: dict[str, Any], teacher: ModelInit | None) -> None:
+    """Keep the student as much smaller than the (now tiny) teacher as it was."""
+
+    def smaller(field: str) -> bool:
+        if teacher is None:
+            return False
+        return bool(s[field] < (teacher.mlp_width if field == "intermediate" else getattr(teacher, field)))
+
+    for field, tiny, full in (("layers", 1, 2), ("heads", 1, 2), ("intermediate", 64, 128)):
+        if s.get(field):
+            s[field] = tiny if smaller(field) else full
+    if s.get("hidden"):
+        s["hidden"] = 32
+
+
+def cache_dir(job: layout.JobFile) -> Path:
+    if job.cache_dir:
+        return Path(job.cache_dir).expanduser()
+    if os.environ.get("OPTJOB_CACHE"):
+        return Path(os.environ["OPTJOB_CACHE"]).expanduser()
+    home = os.environ.get("OPTJOB_HOME")
+    return Path(home).expanduser() / "cache" if home else Path.home() / ".cache" / "optjob"
+
+
+class Job:
+    """One attempt at a job folder's pipeline."""
+
+    def __init__(
+        self,
+        job_dir: Path,
+        job: layout.JobFile,
+        spec: JobSpec,
+        attempt: int,
+        stop: StopFlag,
+        emitter: Emitter,
+    ) -> None:
+        self.job_dir, self.job, self.spec, self.attempt = job_dir, job, spec, attempt
+        self.stop, self.emitter = stop, emitter
+        self.index: int | None = None
+        self.device = torch.device("cpu")
+        self.results_path = job_dir / layout.RESULTS_FILE
+
+    def run(self) -> None:
+        started = time.time()
+        self.device = pick_device(self.job.device)
+        set_threads()
+        if self.job.dry_run:
+            self.spec = proxy_spec(self.spec)
+        spec = self.spec
+        # The automatic baseline/final evaluation: defaults, dry-run caps, then
+        # job.json extra["auto_evaluate"] (EvaluateStep fields) on top.
+        auto = dict(DRY_RUN_CAPS["evaluate"]) if self.job.dry_run else {}
+        auto.update(self.job.extra.get("auto_evaluate") or {})
+        self.auto_eval = EvaluateStep.model_validate(auto)
+        preflight(spec, self.device)
+        cache = cache_dir(self.job)
+        text = load_text(spec.data, cache)
+        self.tokenizer = load_tokenizer(spec, text, cache)
+        self.corpus = build_corpus(spec, self.tokenizer, cache, dry_run=self.job.dry_run, text=text)
+        print(
+            f"device {self.device}, {self.corpus}, vocab {len(self.tokenizer)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+        results = self._read_results()
+        steps = spec.pipeline
+        dones = self._done_prefix()
+        initial_dir = Path(spec.model.path) if spec.model.path and not self.job.dry_run else None
+        model_dir = Path(dones[-1]["output"]) if dones and dones[-1].get("output") else initial_dir
+        model: nn.Module | None = None
+
+        def current() -> nn.Module:
+            nonlocal model
+            if model is None:
+                model = load_model(model_dir, self.device) if model_dir is not None else self._initial_model()
+            return model
+
+        if "baseline" not in results:
+            self.stop.check()
+            base = current() if not dones else self._initial_model()
+            results["baseline"] = evaluate_model(self._context(0, initial_dir), base, self.auto_eval, initial_dir)
+            self._write_results(results)
+        for i, step in enumerate(steps):
+            self.index = i
+            self.emitter.emit("step_started", index=i, kind=step.kind, total=len(steps))
+            if i < len(dones):
+                self._record(results, dones[i], skipped=True)
+                continue
+            self.stop.check()
+            t = time.perf_counter()
+            ctx = self._context(i, model_dir)
+            outcome: StepOutcome = step_module(step.kind).run(ctx, step, current())
+            model = outcome.model
+            if not isinstance(step, EvaluateStep):
+                model_dir = save_model(model, ctx.step_dir() / "model", self.tokenizer)
+            record = {
+                "index": i,
+                "kind": step.kind,
+                "output": str(model_dir) if model_dir else None,
+                "metrics": outcome.metrics,
+                "wall_s": round(time.perf_counter() - t, 3),
+                "extra": outcome.extra,
+                "attempt": self.attempt,
+            }
+            layout.write_json_atomic(ctx.step_dir() / "done.json", finite(record))
+            self._record(results, record, skipped=False)
+        self.index = None
+        if isinstance(steps[-1], EvaluateStep):
+            results["final"] = results["steps"][-1]["metrics"]
+        elif len(dones) < len(steps) or "final" not in results:
+            self.stop.check()
+            results["final"] = evaluate_model(
+                self._context(len(steps) - 1, model_dir), current(), self.auto_eval, model_dir
+            )
+        self._write_results(results)
+        self.emitter.emit("job_done", results=str(self.results_path), wall_s=round(time.time() - started, 3))
+
+    def _context(self, index: int, model_dir: Path | None) -> StepContext:
+        return StepContext(
+            spec=self.spec,
+            job_dir=self.job_dir,
+            index=index,
+            emitter=self.emitter,
+            device=self.device,
+            dry_run=self.job.dry_run,
+            corpus=self.corpus,
+            tokenizer=self.tokenizer,
+            stop=self.stop,
+            cache_dir=cache_dir(self.job),
+            model_dir=model_dir,
+            attempt=self.attempt,
+        )
+
+    def _initial_model(self) -> nn.Module:
+        return initial_model(self.spec, self.tokenizer, self.device)
+
+    def _done_prefix(self) -> list[dict[str, Any]]:
+        """done.json of the leading finished steps (a step after an unfinished one reruns)."""
+        out: list[dict[str, Any]] = []
+        for i, step in enumerate(self.spec.pipeline):
+            path = layout.step_dir(self.job_dir, i, step.kind) / "done.json"
+            try:
+                done = json.loads(path.read_text())
+            except (OSError, ValueError):
+                break
+            output = done.get("output")
+            if output and not Path(output).is_dir():
+                break  # its model is gone: run it again
+            out.append(done)
+        return out
+
+    def _read_results(self) -> dict[str, Any]:
+        try:
+            old = json.loads(self.results_path.read_text())
+        except (OSError, ValueError):
+            old = {}
+        results: dict[str, Any] = {
+            "name": self.spec.name,
+            "steps": [],
+            "attempt": self.attempt,
+            "device": str(self.device),
+            "dry_run": self.job.dry_run,
+        }
+        if isinstance(old, dict) and old.get("name") == self.spec.name and "baseline" in old:
+            results["baseline"] = old["baseline"]
+            if "final" in old:
+                results["final"] = old["final"]
+        return results
+
+    def _record(self, results: dict[str, Any], done: dict[str, Any], *, skipped: bool) -> None:
+        entry = {k: done.get(k) for k in ("index", "kind", "output", "metrics", "wall_s", "extra")}
+        results["steps"].append(entry)
+        self._write_results(results)
+        self.emitter.emit(
+            "step_done",
+            index=entry["index"],
+            kind=entry["kind"],
+            output=entry["output"],
+            wall_s=entry["wall_s"],
+            metrics=finite(entry["metrics"]),
+            skipped=skipped,
+        )
+
+    def _write_results(self, results: dict[str, Any]) -> None:
+        layout.write_json_atomic(self.results_path, finite(results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    emitter = Emitter()
+    if len(args) != 2 or args[0] != "run":
+        usage = "usage: python -m optjob.steps run JOB_DIR"
+        print(usage, file=sys.stderr)
+        emitter.emit("error", message=usage, error_type="UsageError")
+        return EXIT_BAD_JOB
+    job_dir = Path(args[1]).resolve()
+    try:
+        job = layout.JobFile.read(job_dir)
+        spec = JobSpec.model_validate(job.spec)
+        attempt = int(os.environ.get("OPTJOB_ATTEMPT") or 1)
+        deadline = float(os.environ["OPTJOB_DEADLINE"]) if os.environ.get("OPTJOB_DEADLINE") else None
+    except (OSError, ValueError, TypeError) as exc:
+        emitter.emit(
+            "error",
+            message=f"bad job file {job_dir / layout.JOB_FILE} (or OPTJOB_* variable): {exc}",
+            error_type=type(exc).__name__,
+        )
+        return EXIT_BAD_JOB
+    stop = StopFlag(deadline)
+    stop.install()
+    runner = Job(job_dir, job, spec, attempt, stop, emitter)
+    try:
+        runner.run()
+    except StopRequested as exc:
+        print(f"stopped: {exc.reason}", file=sys.stderr, flush=True)
+        emitter.emit("stopped", index=runner.index, reason=exc.reason, step=exc.step)
+        return EXIT_DEADLINE if exc.reason == "deadline" else EXIT_SIGNAL
+    except Exception as exc:
+        traceback.print_exc()
+        emitter.emit(
+            "error",
+            message=str(exc) or type(exc).__name__,
+            error_type=type(exc).__name__,
+            index=runner.index,
+        )
+        return EXIT_FAILED
+    return EXIT_OK

@@ -1,0 +1,306 @@
+"""The training loop every optimizer-running step uses, and the ``train`` step itself.
+
+Resume is exact: a batch is a pure function of (seed, step), dropout is reseeded
+from (seed, step), and a checkpoint holds the model, optimizer, scheduler, grad
+scaler and RNG states. A run stopped and resumed ends with the same weights as a
+straight one."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from optjob.specs import TrainOptions, TrainStep
+from optjob.specs.errors import StepError
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from . import checkpoint as ckpt
+from .context import StepContext, StepOutcome, StopRequested
+from .device import autocast, autocast_dtype
+from .evaluate import eval_loss, perplexity
+
+LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+#: Most points kept in results.json's loss curve.
+CURVE_POINTS = 500
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    steps_done: int
+    #: (step, loss) for every optimizer step, across resumes.
+    losses: list[tuple[int, float]]
+    tokens_per_s: float
+    wall_s: float
+    stopped: str | None
+    early_stopped: bool
+    best_eval_loss: float | None
+    #: (step, eval_loss) of each periodic evaluation.
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    resumed_from: int | None = None
+
+
+def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``batch[:, :-1]`` predicting ``batch[:, 1:]``."""
+    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+
+class Schedule:
+    """Linear warmup, then cosine/linear decay to 0 or constant (a LambdaLR factor)."""
+
+    def __init__(self, kind: str, warmup: int, total: int) -> None:
+        self.kind, self.warmup, self.total = kind, warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        if self.kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
+    """AdamW, SGD or RMSprop; weight decay on matrices only (not norms and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise StepError("the model has no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": opts.weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if opts.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, fused=False)
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum)
+    return torch.optim.RMSprop(groups, lr=opts.lr, momentum=opts.momentum)
+
+
+def train_loop(
+    ctx: StepContext,
+    model: nn.Module,
+    opts: TrainOptions,
+    *,
+    loss_fn: LossFn | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    emit: bool = True,
+    report: Callable[[int, float], None] | None = None,
+    checkpoints: bool = True,
+    on_stop: Literal["raise", "return"] = "raise",
+) -> TrainResult:
+    """Run ``opts.max_steps`` optimizer steps on ``ctx.corpus`` (resuming from the newest
+    valid checkpoint in ``checkpoint_dir``, default ``ctx.step_dir()/checkpoints``).
+
+    ``checkpoints=False`` writes and reads none (hpo trials); ``emit=False`` emits no
+    events. On a stop request (signal, deadline) the loop finishes the optimizer step,
+    checkpoints, and raises ``StopRequested`` (``on_stop="return"``: returns a result
+    with ``stopped`` set instead)."""
+    started = time.perf_counter()
+    device, corpus = ctx.device, ctx.corpus
+    loss_fn = loss_fn or causal_lm_loss
+    model.to(device)
+    model.train()
+    amp = autocast_dtype(opts.precision, device)
+    scaler = (
+        torch.amp.GradScaler(device.type)
+        if amp == torch.float16 and device.type == "cuda"
+        else None
+    )
+    optimizer = make_optimizer(model, opts)
+    scheduler = LambdaLR(optimizer, Schedule(opts.schedule, opts.warmup_steps, opts.max_steps))
+    root = checkpoint_dir if checkpoint_dir is not None else ctx.step_dir() / "checkpoints"
+    state: dict[str, Any] = {"losses": [], "evals": [], "best": None, "bad": 0}
+    step = resumed = 0
+    if checkpoints and (found := ckpt.latest_checkpoint(root)) is not None:
+        parts, meta = ckpt.load_checkpoint(found)
+        model.load_state_dict(parts["model"])
+        optimizer.load_state_dict(parts["optimizer"])
+        scheduler.load_state_dict(parts["scheduler"])
+        if scaler is not None and "scaler" in parts:
+            scaler.load_state_dict(parts["scaler"])
+        ckpt.set_rng_state(parts["rng"])
+        state = {k: meta[k] for k in state}
+        state["losses"] = [tuple(x) for x in state["losses"]]
+        step = resumed = int(meta["step"])
+        print(f"resuming from {found} (step {step})", file=sys.stderr, flush=True)
+
+    def save() -> None:
+        t = time.perf_counter()
+        parts = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+        }
+        if scaler is not None:
+            parts["scaler"] = scaler.state_dict()
+        folder = ckpt.save_checkpoint(root, step, parts, {**state, "max_steps": opts.max_steps})
+        ctx.stop.observe(time.perf_counter() - t)
+        if emit:
+            ctx.emit("checkpoint", step=step, path=str(folder))
+
+    tokens_per_step = opts.batch_size * opts.grad_accum * corpus.seq_len
+    pending: list[torch.Tensor] = []
+    train_s = 0.0
+    early = False
+    stopped = ctx.stop.reason() if step < opts.max_steps else None
+    while step < opts.max_steps and stopped is None and not early:
+        t = time.perf_counter()
+        torch.manual_seed((opts.seed * 1_000_003 + step) % (2**63 - 1))  # dropout, per step
+        total = torch.zeros((), device=device)
+        for micro in range(opts.grad_accum):
+            batch = corpus.train_batch(opts.batch_size, step * opts.grad_accum + micro, opts.seed)
+            batch = batch.to(device, non_blocking=True)
+            with autocast(device, amp):
+                loss = loss_fn(model, batch)
+            scaled = loss / opts.grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            total += loss.detach().float()
+        if opts.grad_clip is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(model)
+        step += 1
+        pending.append(total / opts.grad_accum)
+        if step % opts.log_every == 0 or step == opts.max_steps:
+            window = _flush(pending, state["losses"], step)
+            train_s += time.perf_counter() - t
+            if emit:
+                done = step - resumed
+                ctx.emit(
+                    "progress",
+                    step=step,
+                    max_steps=opts.max_steps,
+                    loss=window,
+                    lr=scheduler.get_last_lr()[0],
+                    tokens=step * tokens_per_step,
+                    tokens_per_s=done * tokens_per_step / max(train_s, 1e-9),
+                )
+        else:
+            train_s += time.perf_counter() - t
+        ctx.stop.observe(time.perf_counter() - t)
+        if opts.eval_every is not None and (step % opts.eval_every == 0 or step == opts.max_steps):
+            early = _periodic_eval(ctx, model, opts, amp, step, state, emit, report)
+        stopped = ctx.stop.reason() if step < opts.max_steps and not early else None
+        if checkpoints and (
+            stopped or (step % opts.checkpoint_every == 0 and step < opts.max_steps)
+        ):
+            _flush(pending, state["losses"], step)
+            save()
+    _flush(pending, state["losses"], step)
+    result = TrainResult(
+        model=model,
+        steps_done=step,
+        losses=state["losses"],
+        tokens_per_s=(step - resumed) * tokens_per_step / train_s if train_s > 0 else 0.0,
+        wall_s=time.perf_counter() - started,
+        stopped=stopped,
+        early_stopped=early,
+        best_eval_loss=state["best"],
+        evals=[tuple(e) for e in state["evals"]],
+        resumed_from=resumed or None,
+    )
+    if stopped is not None and on_stop == "raise":
+        raise StopRequested(stopped, step)
+    return result
+
+
+def _flush(pending: list[torch.Tensor], losses: list[tuple[int, float]], step: int) -> float | None:
+    """Move pending per-step losses (device tensors) into ``losses``: one sync."""
+    if not pending:
+        return None
+    values = torch.stack(pending).tolist()
+    first = step - len(values) + 1
+    losses.extend((first + i, float(v)) for i, v in enumerate(values))
+    pending.clear()
+    window = sum(values) / len(values)
+    if not math.isfinite(window):
+        raise StepError(
+            f"the training loss is {window} at step {step}: training diverged "
+            "(lower lr, set grad_clip, or use fp32)"
+        )
+    return window
+
+
+def _periodic_eval(
+    ctx: StepContext,
+    model: nn.Module,
+    opts: TrainOptions,
+    amp: torch.dtype | None,
+    step: int,
+    state: dict[str, Any],
+    emit: bool,
+    report: Callable[[int, float], None] | None,
+) -> bool:
+    """Evaluate, record, report; True when early stopping says stop."""
+    loss, acc = eval_loss(
+        model, ctx.corpus, opts.batch_size, opts.eval_batches, ctx.device, dtype=amp
+    )
+    model.train()
+    state["evals"].append((step, loss))
+    if emit:
+        ctx.emit(
+            "metrics",
+            step=step,
+            metrics={"eval_loss": loss, "perplexity": perplexity(loss), "accuracy": acc},
+        )
+    if report is not None:
+        report(step, loss)
+    es = opts.early_stopping
+    if state["best"] is None or loss < state["best"] - (es.min_delta if es else 0.0):
+        state["best"], state["bad"] = loss, 0
+    else:
+        state["bad"] += 1
+    return es is not None and state["bad"] >= es.patience
+
+
+def downsample(points: list[tuple[int, float]], n: int = CURVE_POINTS) -> list[tuple[int, float]]:
+    """At most ``n`` points: means of consecutive buckets."""
+    if len(points) <= n:
+        return list(points)
+    size = math.ceil(len(points) / n)
+    out = []
+    for i in range(0, len(points), size):
+        bucket = points[i : i + size]
+        out.append((bucket[-1][0], sum(v for _, v in bucket) / len(bucket)))
+    return out
+
+
+def run(ctx: StepContext, step: TrainStep, model: nn.Module) -> StepOutcome:
+    res = train_loop(ctx, model, step)
+    tail = [v for _, v in res.losses[-step.log_every :]]
+    metrics: dict[str, Any] = {
+        "train_loss": sum(tail) / len(tail) if tail else None,
+        "steps": res.steps_done,
+        "tokens": res.steps_done * step.batch_size * step.grad_accum * ctx.corpus.seq_len,
+        "tokens_per_s": res.tokens_per_s,
+        "early_stopped": res.early_stopped,
+    }
+    if res.best_eval_loss is not None:
+        metrics["best_eval_loss"] = res.best_eval_loss
+    extra = {"loss_curve": downsample(res.losses), "eval_curve": res.evals}
+    return StepOutcome(model=res.model, metrics=metrics, extra=extra)
