@@ -186,11 +186,13 @@ class Job:
             base = current() if not dones else self._initial_model()
             results["baseline"] = evaluate_model(self._context(0, initial_dir), base, self.auto_eval, initial_dir)
             self._write_results(results)
-        for i, step in enumerate(steps):
+        for i in range(len(steps)):
+            step = self.spec.pipeline[i]  # re-read: an hpo step rewrites the steps after it
             self.index = i
             self.emitter.emit("step_started", index=i, kind=step.kind, total=len(steps))
             if i < len(dones):
                 self._record(results, dones[i], skipped=True)
+                self._apply_hpo(i, step, dones[i].get("extra") or {})
                 continue
             self.stop.check()
             t = time.perf_counter()
@@ -210,6 +212,7 @@ class Job:
             }
             layout.write_json_atomic(ctx.step_dir() / "done.json", finite(record))
             self._record(results, record, skipped=False)
+            self._apply_hpo(i, step, outcome.extra)
         self.index = None
         if isinstance(steps[-1], EvaluateStep):
             results["final"] = results["steps"][-1]["metrics"]
@@ -236,6 +239,13 @@ class Job:
             model_dir=model_dir,
             attempt=self.attempt,
         )
+
+    def _apply_hpo(self, index: int, step: Any, extra: dict[str, Any]) -> None:
+        """An hpo step's best parameters become the options of the step it tuned."""
+        if step.kind == "hpo" and extra.get("overrides"):
+            from .hpo import apply_overrides
+
+            self.spec = apply_overrides(self.spec, index, extra["overrides"])
 
     def _initial_model(self) -> nn.Module:
         return initial_model(self.spec, self.tokenizer, self.device)
