@@ -45,13 +45,13 @@ def print_plan(plan: Plan) -> None:
         steps.add_row(str(s.index), s.kind, s.summary, f"{s.tokens:,}" if s.tokens else "-", duration(s.est_seconds))
     con.print(steps)
     if plan.offers and not plan.local:
-        offers = Table("cloud", "region", "instance", "accelerators", "spot", "$/h", "est. hours", "est. total",
-                       title="Offers (cheapest total first)", box=None, pad_edge=False)
+        offers = Table("where", "instance", "accel.", "spot", "$/h", "hours", "total", "if on-demand",
+                       title=f"Offers, cheapest total first ({len(plan.offers)} in all)", box=None, pad_edge=False)
         for o in plan.offers[:8]:
             mark = "[bold green]→ [/bold green]" if o == plan.chosen else ""
-            offers.add_row(mark + o.cloud, o.region or "-", o.instance_type or "-", o.accelerators or "CPU",
-                           "yes" if o.spot else "no", money(o.hourly_usd), f"{o.est_hours:.2f}",
-                           money(o.est_usd) + (f" (on-demand {money(o.ondemand_usd)})" if o.ondemand_usd else ""))
+            offers.add_row(f"{mark}{o.cloud}/{o.region or '-'}", o.instance_type or "-", o.accelerators or "CPU",
+                           "yes" if o.spot else "no", money(o.hourly_usd), f"{o.est_hours:.2f}", money(o.est_usd),
+                           money(o.ondemand_usd) if o.ondemand_usd else "-")
         con.print(offers)
     c = plan.chosen
     if c is not None:

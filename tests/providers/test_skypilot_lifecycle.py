@@ -267,7 +267,6 @@ def test_find_orphans(provider: SkyPilotProvider, fake: FakeSky, tmp_path: Path)
 SKY = importlib.util.find_spec("sky") is not None
 
 
-@pytest.mark.skipif(not SKY, reason="needs the cloud extra")
 def test_translate_real_sky_exceptions(sky_home: Path) -> None:  # noqa: F811
     from sky import exceptions
 
@@ -294,7 +293,6 @@ def test_translate_real_sky_exceptions(sky_home: Path) -> None:  # noqa: F811
         assert str(err).startswith("SkyPilot could not launch optjob-x")
 
 
-@pytest.mark.skipif(not SKY, reason="needs the cloud extra")
 def test_real_client_without_api_server(monkeypatch: pytest.MonkeyPatch, sky_home: Path) -> None:  # noqa: F811
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
