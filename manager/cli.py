@@ -187,6 +187,9 @@ def _fail(exc: BaseException, code: int) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> Any:
     """Console entry point."""
+    # pydantic scans every installed distribution for plugins at import (importlib.metadata);
+    # optjob uses none, and the scan is a tenth of `optjob validate`'s start-up.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     from optjob.specs.errors import OptjobError, SpecError
 
     try:

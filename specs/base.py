@@ -15,4 +15,5 @@ class StrictModel(BaseModel):
         validate_default=True,
         use_attribute_docstrings=True,
         str_strip_whitespace=True,
+        defer_build=True,
     )
