@@ -13,6 +13,7 @@ from optjob.specs.errors import PlanInfeasible, UsageError
 
 from . import paths
 from .plan import Plan, make_plan
+from .status import Reason
 from .store import JobRow, Store
 
 
@@ -99,7 +100,7 @@ def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, deta
         if rehearsal is not None:
             lost = [k.lost_steps for k in rehearsal.done]
             click.echo(f"rehearsal: {len(rehearsal.done)} kill(s) survived; work lost per kill (steps): {lost}")
-        if cloud_plan is not None and cloud_plan.chosen is not None:
+        if cloud_plan is not None and cloud_plan.chosen is not None and outcome.reason == Reason.SUCCEEDED:
             c = cloud_plan.chosen
             click.echo(f"dry run passed; on {c.cloud} {c.accelerators or 'CPU'}{' spot' if c.spot else ''} "
                        f"the full spec is projected at {c.est_hours:.2f} h, ${c.est_usd:.2f}")

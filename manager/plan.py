@@ -8,7 +8,7 @@ whether that fits the budget. ``apply`` takes the plan as it is.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,4 +147,11 @@ def make_plan(spec: JobSpec, spec_path: str | Path | None = None, *, local: bool
                 "over_by_usd": 0.0},
         warnings=tuple(warnings),
     )
+    if dry_run:
+        # The rehearsal runs a tiny proxy on this machine at no charge: no offers, no cap.
+        free = OfferPlan(cloud="local", region=None, instance_type=None, accelerators=None, spot=False,
+                         hourly_usd=0.0, est_hours=0.0, est_usd=0.0)
+        return replace(base, offers=(free,), chosen=free,
+                       budget={"max_usd": None, "max_hours": None, "fits": True, "over_by_usd": 0.0},
+                       notes=("dry run: every step capped to a few optimizer steps on a 2-layer, 64-wide proxy",))
     return price_plan(spec, base)

@@ -4,11 +4,16 @@ Reads ``job.json``, builds the data, tokenizer and starting model, evaluates a
 baseline, runs each step (skipping finished ones, resuming a half-done training
 step from its checkpoint), saves each step's model, and reports JSON-lines events.
 
+Under torchrun (WORLD_SIZE > 1) every rank runs this: train and distill run on all
+ranks with DDP, every other step and the automatic evaluations on rank 0 while the
+others wait, and only rank 0 reports and writes (see ``dist``).
+
 Exit codes: 0 done, 1 failed (after an ``error`` event), 2 bad job file,
 4 stopped at the budget deadline, 143 stopped by a signal."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -25,13 +30,14 @@ from optjob.specs.errors import StepError
 from optjob.specs.model import ModelInit
 from torch import nn
 
-from . import layout
+from . import dist, layout
 from .context import StepContext, StepOutcome, StopFlag, StopRequested, finite
 from .data import DRY_RUN_CHARS, build_corpus, load_text
 from .device import pick_device, set_threads
 from .evaluate import evaluate_model
 from .events import Emitter
 from .modeling import initial_model, load_model, model_family, save_model
+from .sync import Sync, from_env
 from .tokenizer import load_tokenizer
 
 __all__ = ["StepOutcome", "main", "preflight", "proxy_spec", "step_module"]
@@ -87,6 +93,10 @@ def proxy_spec(spec: JobSpec) -> JobSpec:
             "kv_heads": None if kv is None or kv >= init.get("heads", 4) else 1}  # fmt: skip
     d["model"] = {"init": init, "tokenizer": "builtin"}
     data = d["data"]
+    if spec.data.kind == "hf":
+        # A laptop rehearsal must not depend on the hub (the model is built from its family too).
+        print(f"dry run: using builtin:python-docs in place of {spec.data.source}", file=sys.stderr, flush=True)
+        data["source"] = "builtin:python-docs"
     data["max_chars"] = min(data["max_chars"] or DRY_RUN_CHARS, DRY_RUN_CHARS)
     data["seq_len"] = min(data["seq_len"], 64)
     for entry in d["steps"]:
@@ -142,12 +152,13 @@ class Job:
         self.job_dir, self.job, self.spec, self.attempt = job_dir, job, spec, attempt
         self.stop, self.emitter = stop, emitter
         self.index: int | None = None
+        self.sync: Sync | None = None  # artifact storage (OPTJOB_STORAGE): pushed after each step
         self.device = torch.device("cpu")
         self.results_path = job_dir / layout.RESULTS_FILE
 
     def run(self) -> None:
         started = time.time()
-        self.device = pick_device(self.job.device)
+        self.device = dist.init(pick_device(self.job.device))
         set_threads()
         if self.job.dry_run:
             self.spec = proxy_spec(self.spec)
@@ -170,7 +181,7 @@ class Job:
 
         results = self._read_results()
         steps = spec.pipeline
-        dones = self._done_prefix()
+        dones = dist.broadcast_object(self._done_prefix())  # rank 0's view
         initial_dir = Path(spec.model.path) if spec.model.path and not self.job.dry_run else None
         model_dir = Path(dones[-1]["output"]) if dones and dones[-1].get("output") else initial_dir
         model: nn.Module | None = None
@@ -182,24 +193,21 @@ class Job:
             return model
 
         if "baseline" not in results:
-            self.stop.check()
-            base = current() if not dones else self._initial_model()
-            results["baseline"] = evaluate_model(self._context(0, initial_dir), base, self.auto_eval, initial_dir)
+
+            def baseline() -> dict[str, Any]:
+                self.stop.check()
+                base = current() if not dones else self._initial_model()
+                return evaluate_model(self._context(0, initial_dir), base, self.auto_eval, initial_dir)
+
+            results["baseline"] = dist.on_main(baseline)
             self._write_results(results)
-        for i in range(len(steps)):
-            step = self.spec.pipeline[i]  # re-read: an hpo step rewrites the steps after it
-            self.index = i
-            self.emitter.emit("step_started", index=i, kind=step.kind, total=len(steps))
-            if i < len(dones):
-                self._record(results, dones[i], skipped=True)
-                self._apply_hpo(i, step, dones[i].get("extra") or {})
-                continue
-            self.stop.check()
-            t = time.perf_counter()
-            ctx = self._context(i, model_dir)
+
+        def execute(i: int, step: Any, ctx: StepContext, t: float) -> dict[str, Any]:
+            """Run step ``i``; rank 0 saves its model and done.json. Its record."""
+            nonlocal model, model_dir
             outcome: StepOutcome = step_module(step.kind).run(ctx, step, current())
             model = outcome.model
-            if not isinstance(step, EvaluateStep):
+            if not isinstance(step, EvaluateStep) and dist.is_main():
                 model_dir = save_model(model, ctx.step_dir() / "model", self.tokenizer)
             record = {
                 "index": i,
@@ -210,18 +218,48 @@ class Job:
                 "extra": outcome.extra,
                 "attempt": self.attempt,
             }
-            layout.write_json_atomic(ctx.step_dir() / "done.json", finite(record))
+            if dist.is_main():
+                layout.write_json_atomic(ctx.step_dir() / "done.json", finite(record))
+            return record
+
+        for i in range(len(steps)):
+            step = self.spec.pipeline[i]  # re-read: an hpo step rewrites the steps after it
+            self.index = i
+            self.emitter.emit("step_started", index=i, kind=step.kind, total=len(steps))
+            if i < len(dones):
+                self._record(results, dones[i], skipped=True)
+                self._apply_hpo(i, step, dones[i].get("extra") or {})
+                continue
+            dist.check_stop(self.stop)
+            t = time.perf_counter()
+            ctx = self._context(i, model_dir)
+            everywhere = dist.runs_everywhere(step.kind)
+            if everywhere:
+                dist.ensure_folder(model_dir)  # the model to start from, on every node
+            before = str(model_dir) if model_dir else None
+            run_step = functools.partial(execute, i, step, ctx, t)
+            record = dist.broadcast_object(run_step()) if everywhere else dist.on_main(run_step)
+            if not dist.is_main():  # rank 0's output; a model changed on rank 0 is loaded again
+                model_dir = Path(record["output"]) if record["output"] else None
+                if not everywhere and record["output"] != before:
+                    model = None
             self._record(results, record, skipped=False)
-            self._apply_hpo(i, step, outcome.extra)
+            if self.sync is not None:
+                self.sync.push_steps()  # rank 0 only; a failure here is retried at the next push
+            self._apply_hpo(i, step, record["extra"] or {})
         self.index = None
         if isinstance(steps[-1], EvaluateStep):
             results["final"] = results["steps"][-1]["metrics"]
         elif len(dones) < len(steps) or "final" not in results:
-            self.stop.check()
-            results["final"] = evaluate_model(
-                self._context(len(steps) - 1, model_dir), current(), self.auto_eval, model_dir
-            )
+
+            def final() -> dict[str, Any]:
+                self.stop.check()
+                return evaluate_model(self._context(len(steps) - 1, model_dir), current(), self.auto_eval, model_dir)
+
+            results["final"] = dist.on_main(final)
         self._write_results(results)
+        if self.sync is not None:
+            self.sync.push_steps(final=True)  # the node may be gone next: this push must succeed
         self.emitter.emit("job_done", results=str(self.results_path), wall_s=round(time.time() - started, 3))
 
     def _context(self, index: int, model_dir: Path | None) -> StepContext:
@@ -298,12 +336,13 @@ class Job:
         )
 
     def _write_results(self, results: dict[str, Any]) -> None:
-        layout.write_json_atomic(self.results_path, finite(results))
+        if dist.is_main():
+            layout.write_json_atomic(self.results_path, finite(results))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    emitter = Emitter()
+    emitter = dist.emitter()  # rank 0 reports; other ranks only their errors
     if len(args) != 2 or args[0] != "run":
         usage = "usage: python -m optjob.steps run JOB_DIR"
         print(usage, file=sys.stderr)
@@ -326,10 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     stop.install()
     runner = Job(job_dir, job, spec, attempt, stop, emitter)
     try:
+        runner.sync = from_env(job_dir)
+        if runner.sync is not None:
+            runner.sync.start()  # pull what earlier attempts saved; push each checkpoint from now on
         runner.run()
     except StopRequested as exc:
         print(f"stopped: {exc.reason}", file=sys.stderr, flush=True)
         emitter.emit("stopped", index=runner.index, reason=exc.reason, step=exc.step)
+        dist.teardown()
         return EXIT_DEADLINE if exc.reason == "deadline" else EXIT_SIGNAL
     except Exception as exc:
         traceback.print_exc()
@@ -339,5 +382,9 @@ def main(argv: list[str] | None = None) -> int:
             error_type=type(exc).__name__,
             index=runner.index,
         )
-        return EXIT_FAILED
+        return EXIT_FAILED  # no dist.teardown: the other ranks may be stuck in a collective
+    finally:
+        if runner.sync is not None:
+            runner.sync.close()
+    dist.teardown()
     return EXIT_OK
