@@ -52,7 +52,7 @@ class TrainOptions(StepBase):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     """Decoupled weight decay."""
     batch_size: int = Field(8, ge=1, le=65536)
-    """Sequences per micro-batch (per process)."""
+    """Sequences per micro-batch in all (the global batch: split evenly across processes under torchrun)."""
     grad_accum: int = Field(1, ge=1, le=4096)
     """Micro-batches accumulated per optimizer step."""
     grad_clip: float | None = Field(1.0, gt=0.0)

@@ -8,6 +8,8 @@ structured-pruning importance scores; ``init: random`` builds it fresh from ``se
 
 Loss = alpha * KL(softmax(teacher / T) || softmax(student / T)) * T^2 + (1 - alpha) * CE.
 Training goes through ``train_loop`` (checkpoints, exact resume, progress events).
+Under torchrun it is data-parallel like ``train``: every rank holds the teacher and a
+student replica (DDP) and works on its block of the global batch (see ``dist``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from optjob.specs import DistillStep
 from optjob.specs.errors import StepError
 from torch import nn
 
+from . import dist
 from .context import StepContext, StepOutcome
 from .prune import rebuild, shrink
 
@@ -154,7 +157,7 @@ def distill_train(
     ctx: StepContext, teacher: nn.Module, step: DistillStep, **train_kwargs: Any
 ) -> tuple[nn.Module, Any]:
     """Build the student and train it against ``teacher``: ``(student, TrainResult)``.
-    ``train_kwargs`` go to ``train_loop`` (checkpoint_dir, emit, report)."""
+    ``train_kwargs`` go to ``train_loop`` (checkpoint_dir, emit, report, distributed)."""
     from .train import train_loop
 
     teacher = prepare_teacher(teacher)
@@ -164,12 +167,19 @@ def distill_train(
     return result.model, result
 
 
+def preflight(step: DistillStep, device: torch.device) -> None:
+    """Under torchrun, the global ``batch_size`` must split evenly among the processes."""
+    dist.split_batch(step.batch_size)
+
+
 def run(ctx: StepContext, step: DistillStep, model: nn.Module) -> StepOutcome:
     from .modeling import count_params
 
     teacher_params = count_params(model)
     n_teacher: int = _config(model).num_hidden_layers
-    student, result = distill_train(ctx, model, step, checkpoint_dir=ctx.step_dir() / "checkpoints")
+    student, result = distill_train(
+        ctx, model, step, checkpoint_dir=ctx.step_dir() / "checkpoints", distributed=True
+    )
     n_student: int = _config(student).num_hidden_layers
     student_params = count_params(student)
     metrics: dict[str, Any] = {

@@ -3,10 +3,20 @@
 Resume is exact: a batch is a pure function of (seed, step), dropout is reseeded
 from (seed, step), and a checkpoint holds the model, optimizer, scheduler, grad
 scaler and RNG states. A run stopped and resumed ends with the same weights as a
-straight one."""
+straight one.
+
+Distributed (``distributed=True`` under torchrun, see ``dist``): ``batch_size`` is the
+global batch per micro-step; every rank draws the same global batch and trains on its
+own block of ``batch_size / world`` rows, the model is wrapped in DDP (gradients are
+averaged over the ranks), and the reported loss is the mean over the ranks -- the loss
+one process would report for the same global batch. Only rank 0 emits events and
+writes checkpoints; every rank resumes from rank 0's checkpoint. Each rank draws its
+own dropout masks, so without dropout a run matches one process up to float rounding
+(and a checkpoint resumes with any number of processes the batch splits among)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -23,8 +33,9 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import checkpoint as ckpt
+from . import dist
 from .context import StepContext, StepOutcome, StopRequested
-from .device import autocast, autocast_dtype
+from .device import autocast, autocast_dtype, mark_step
 from .evaluate import eval_loss, perplexity
 
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -102,6 +113,7 @@ def train_loop(
     report: Callable[[int, float], None] | None = None,
     checkpoints: bool = True,
     on_stop: Literal["raise", "return"] = "raise",
+    distributed: bool = False,
 ) -> TrainResult:
     """Run ``opts.max_steps`` optimizer steps on ``ctx.corpus`` (resuming from the newest
     valid checkpoint in ``checkpoint_dir``, default ``ctx.step_dir()/checkpoints``).
@@ -109,9 +121,17 @@ def train_loop(
     ``checkpoints=False`` writes and reads none (hpo trials); ``emit=False`` emits no
     events. On a stop request (signal, deadline) the loop finishes the optimizer step,
     checkpoints, and raises ``StopRequested`` (``on_stop="return"``: returns a result
-    with ``stopped`` set instead)."""
+    with ``stopped`` set instead).
+
+    ``distributed=True``: every rank of a torchrun job calls this together and trains
+    with DDP (a no-op in a single process); see the module docstring."""
     started = time.perf_counter()
     device, corpus = ctx.device, ctx.corpus
+    ddp = distributed and dist.world() > 1
+    if ddp:
+        dist.split_batch(opts.batch_size)  # a clear error before any work
+    main = not ddp or dist.is_main()
+    emit = emit and main
     loss_fn = loss_fn or causal_lm_loss
     model.to(device)
     model.train()
@@ -126,7 +146,11 @@ def train_loop(
     root = checkpoint_dir if checkpoint_dir is not None else ctx.step_dir() / "checkpoints"
     state: dict[str, Any] = {"losses": [], "evals": [], "best": None, "bad": 0}
     step = resumed = 0
-    if checkpoints and (found := ckpt.latest_checkpoint(root)) is not None:
+    found = ckpt.latest_checkpoint(root) if checkpoints and main else None
+    if ddp and checkpoints:  # rank 0's choice; sent to ranks that cannot see it
+        found = dist.broadcast_object(found)
+        dist.ensure_folder(found, present=ckpt.verify)
+    if found is not None:
         parts, meta = ckpt.load_checkpoint(found)
         model.load_state_dict(parts["model"])
         optimizer.load_state_dict(parts["optimizer"])
@@ -138,6 +162,9 @@ def train_loop(
         state["losses"] = [tuple(x) for x in state["losses"]]
         step = resumed = int(meta["step"])
         print(f"resuming from {found} (step {step})", file=sys.stderr, flush=True)
+    net = dist.wrap(model, device) if ddp else model  # forward/backward; ``model`` for the rest
+    agree = dist.agree_stop if ddp else _same
+    reduce = dist.all_reduce_mean if ddp else None
 
     def save() -> None:
         t = time.perf_counter()
@@ -154,22 +181,35 @@ def train_loop(
         if emit:
             ctx.emit("checkpoint", step=step, path=str(folder))
 
+    def checkpoint() -> None:
+        _flush(pending, state["losses"], step, reduce)
+        if main:
+            save()
+        if ddp:  # no rank leaves (and has torchrun stop the others) before it is written
+            dist.barrier()
+
     tokens_per_step = opts.batch_size * opts.grad_accum * corpus.seq_len
     pending: list[torch.Tensor] = []
     train_s = 0.0
     early = False
-    stopped = ctx.stop.reason() if step < opts.max_steps else None
+    stopped = agree(ctx.stop.reason()) if step < opts.max_steps else None
     while step < opts.max_steps and stopped is None and not early:
         t = time.perf_counter()
-        torch.manual_seed((opts.seed * 1_000_003 + step) % (2**63 - 1))  # dropout, per step
+        torch.manual_seed(_dropout_seed(opts.seed, step, dist.rank() if ddp else 0))
         total = torch.zeros((), device=device)
         for micro in range(opts.grad_accum):
             batch = corpus.train_batch(opts.batch_size, step * opts.grad_accum + micro, opts.seed)
+            if ddp:
+                batch = dist.shard(batch)
             batch = batch.to(device, non_blocking=True)
-            with autocast(device, amp):
-                loss = loss_fn(model, batch)
-            scaled = loss / opts.grad_accum
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            # DDP averages the gradients over the ranks on the last micro-batch only.
+            last = micro == opts.grad_accum - 1
+            sync = net.no_sync() if ddp and not last else contextlib.nullcontext()  # type: ignore[operator]
+            with sync:
+                with autocast(device, amp):
+                    loss = loss_fn(net, batch)
+                scaled = loss / opts.grad_accum
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
             total += loss.detach().float()
         if opts.grad_clip is not None:
             if scaler is not None:
@@ -184,10 +224,11 @@ def train_loop(
         optimizer.zero_grad(set_to_none=True)
         if after_step is not None:
             after_step(model)
+        mark_step(device)
         step += 1
         pending.append(total / opts.grad_accum)
         if step % opts.log_every == 0 or step == opts.max_steps:
-            window = _flush(pending, state["losses"], step)
+            window = _flush(pending, state["losses"], step, reduce)
             train_s += time.perf_counter() - t
             if emit:
                 done = step - resumed
@@ -204,14 +245,13 @@ def train_loop(
             train_s += time.perf_counter() - t
         ctx.stop.observe(time.perf_counter() - t)
         if opts.eval_every is not None and (step % opts.eval_every == 0 or step == opts.max_steps):
-            early = _periodic_eval(ctx, model, opts, amp, step, state, emit, report)
-        stopped = ctx.stop.reason() if step < opts.max_steps and not early else None
+            early = _periodic_eval(ctx, model, opts, amp, step, state, emit, report, ddp)
+        stopped = agree(ctx.stop.reason()) if step < opts.max_steps and not early else None
         if checkpoints and (
             stopped or (step % opts.checkpoint_every == 0 and step < opts.max_steps)
         ):
-            _flush(pending, state["losses"], step)
-            save()
-    _flush(pending, state["losses"], step)
+            checkpoint()
+    _flush(pending, state["losses"], step, reduce)
     result = TrainResult(
         model=model,
         steps_done=step,
@@ -229,11 +269,29 @@ def train_loop(
     return result
 
 
-def _flush(pending: list[torch.Tensor], losses: list[tuple[int, float]], step: int) -> float | None:
-    """Move pending per-step losses (device tensors) into ``losses``: one sync."""
+def _same(reason: str | None) -> str | None:
+    return reason
+
+
+def _dropout_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The torch seed of optimizer step ``step`` (dropout): a function of (seed, step,
+    rank) so a resumed run draws the same masks, and ranks draw different ones."""
+    return (seed * 1_000_003 + step + rank * 0x9E3779B97F4A7C15) % (2**63 - 1)
+
+
+def _flush(
+    pending: list[torch.Tensor],
+    losses: list[tuple[int, float]],
+    step: int,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float | None:
+    """Move pending per-step losses (device tensors) into ``losses``: one sync.
+    ``reduce`` (distributed: the mean over the ranks) is applied to them first; every
+    rank calls this at the same steps."""
     if not pending:
         return None
-    values = torch.stack(pending).tolist()
+    stacked = torch.stack(pending)
+    values = (reduce(stacked) if reduce is not None else stacked).tolist()
     first = step - len(values) + 1
     losses.extend((first + i, float(v)) for i, v in enumerate(values))
     pending.clear()
@@ -255,11 +313,16 @@ def _periodic_eval(
     state: dict[str, Any],
     emit: bool,
     report: Callable[[int, float], None] | None,
+    ddp: bool = False,
 ) -> bool:
-    """Evaluate, record, report; True when early stopping says stop."""
-    loss, acc = eval_loss(
-        model, ctx.corpus, opts.batch_size, opts.eval_batches, ctx.device, dtype=amp
-    )
+    """Evaluate, record, report; True when early stopping says stop. Distributed: rank 0
+    evaluates (the weights are the same everywhere) and sends the result to the others,
+    so every rank takes the same early-stopping decision."""
+
+    def measure() -> tuple[float, float]:
+        return eval_loss(model, ctx.corpus, opts.batch_size, opts.eval_batches, ctx.device, dtype=amp)
+
+    loss, acc = dist.on_main(measure) if ddp else measure()
     model.train()
     state["evals"].append((step, loss))
     if emit:
@@ -290,8 +353,13 @@ def downsample(points: list[tuple[int, float]], n: int = CURVE_POINTS) -> list[t
     return out
 
 
+def preflight(step: TrainOptions, device: torch.device) -> None:
+    """Under torchrun, the global ``batch_size`` must split evenly among the processes."""
+    dist.split_batch(step.batch_size)
+
+
 def run(ctx: StepContext, step: TrainStep, model: nn.Module) -> StepOutcome:
-    res = train_loop(ctx, model, step)
+    res = train_loop(ctx, model, step, distributed=True)
     tail = [v for _, v in res.losses[-step.log_every :]]
     metrics: dict[str, Any] = {
         "train_loss": sum(tail) / len(tail) if tail else None,
