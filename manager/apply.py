@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from optjob.providers.base import AttemptState, Handle, LaunchRequest, Provider
 from optjob.specs import JobSpec
-from optjob.specs.errors import BudgetExceeded, Interrupted, JobFailed, UsageError
+from optjob.specs.errors import BudgetExceeded, Interrupted, JobFailed, ProviderError, UsageError
 from optjob.specs.steps import TrainOptions
 from optjob.steps.layout import JobFile
 
@@ -28,8 +28,8 @@ from . import paths
 from .calibrate import record_calibration
 from .meter import STOP_MARGIN_S, Budget, job_elapsed_s, over_budget, rate_usd_per_s, seconds_left
 from .plan import Plan
-from .rehearsal import Rehearsal
 from .reconcile import final_status, finalize, observe, owner_alive, reconcile_orphaned
+from .rehearsal import Rehearsal
 from .status import JobStatus, Reason
 from .store import AttemptRow, JobRow, Store
 
@@ -105,6 +105,12 @@ class Controller:
 
     def apply(self, plan: Plan, spec: JobSpec, *, detach: bool = False) -> Outcome:
         job_dir = paths.job_dir(spec.name)
+        earlier = self.store.job(spec.name)
+        if earlier is not None and earlier.provider == self.provider.name and not earlier.status.is_terminal() \
+                and not owner_alive(earlier):
+            # Its manager died: first record how its last attempt went (events, exit status, teardown),
+            # as `optjob status` would; then attach if it still runs, or start again from its checkpoints.
+            reconcile_orphaned(self.store, self.provider, earlier)
         job, attach = self.store.claim_job(
             spec.name, provider=plan.provider, job_dir=str(job_dir), spec_path=plan.spec_path,
             spec_json=spec.model_dump_json(), plan_json=plan.dumps(), owner_alive=self._alive,
@@ -145,21 +151,34 @@ class Controller:
         base = Path(plan.spec_path).parent if plan.spec_path else Path.cwd()
         if plan.spec_path and Path(plan.spec_path).is_file():
             shutil.copyfile(plan.spec_path, job_dir / "spec.yaml")
-        JobFile(spec=resolve_paths(spec, base), dry_run=plan.dry_run,
-                device="cpu" if plan.local else "auto", cache_dir=str(paths.cache_dir())).write(job_dir)
+        # A node in the cloud keeps its own cache (this machine's path means nothing there).
+        JobFile(spec=resolve_paths(spec, base), dry_run=plan.dry_run, device="cpu" if plan.local else "auto",
+                cache_dir=str(paths.cache_dir()) if plan.local else None).write(job_dir)
 
     def _launch(self, job: JobRow, plan: Plan, budget: Budget) -> AttemptRow:
         attempt = self.store.add_attempt(job.name, run=job.run, provider=plan.provider, hourly_usd=plan.hourly_usd,
                                          nodes=plan.nodes, spot=plan.spot)
+        spec = JobSpec.model_validate_json(job.spec_json)
         env = {"OPTJOB_ATTEMPT": str(attempt.number), "OPTJOB_JOB": job.name}
+        if not plan.local and spec.storage.artifacts:
+            # The node pulls checkpoints from there before starting and pushes each one (steps.sync),
+            # so the attempt after a preemption resumes on a fresh node. Never for local runs: a dry
+            # run must not write into the real job's bucket.
+            env["OPTJOB_STORAGE"] = spec.storage.artifacts
         left = seconds_left(budget, spent=self.store.spend(job.name), elapsed_s=job_elapsed_s(self.store, job.name),
                             usd_per_s=rate_usd_per_s(attempt), margin_s=STOP_MARGIN_S.get(plan.provider, 60.0))
         if left is not None:
             env["OPTJOB_DEADLINE"] = f"{time.time() + max(0.0, left):.3f}"
         self.store.update_job(job.name, status=JobStatus.LAUNCHING)
         self.reporter.status(f"launching attempt {attempt.number} on {plan.provider}")
-        handle = self.provider.launch(LaunchRequest(spec=JobSpec.model_validate_json(job.spec_json),
-                                                    job_dir=Path(job.job_dir), attempt=attempt.number, env=env))
+        try:
+            handle = self.provider.launch(LaunchRequest(spec=spec, job_dir=Path(job.job_dir),
+                                                        attempt=attempt.number, env=env))
+        except ProviderError as exc:  # the contract: nothing was left running
+            self.store.update_attempt(attempt.id, status=AttemptState.FAILED, detail=exc.message[:2000],
+                                      ended_at=time.time(), released=1)
+            finalize(self.store, self.provider, job, JobStatus.FAILED, Reason.FAILED, str(exc)[:2000])
+            raise
         self.store.update_attempt(attempt.id, handle=handle.to_json(), status=AttemptState.RUNNING)
         attempt.handle_json = json.dumps(handle.to_json())
         self.store.update_job(job.name, status=JobStatus.RUNNING)
@@ -218,7 +237,8 @@ class Controller:
         assert self.rehearsal is not None
         kill_fn = getattr(self.provider, "kill", None)
         if kill_fn is None:
-            raise UsageError(f"preemption rehearsal needs a provider that can kill its workload ({plan.provider} cannot)")
+            raise UsageError(
+                f"preemption rehearsal needs a provider that can kill its workload ({plan.provider} cannot)")
         spec = JobSpec.model_validate_json(self.store.job(attempt.job_name).spec_json)  # type: ignore[union-attr]
         every = {i: s.checkpoint_every for i, s in enumerate(spec.pipeline) if isinstance(s, TrainOptions)}
         kill = self.rehearsal.record(attempt.number, every)

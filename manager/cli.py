@@ -103,10 +103,13 @@ def status(name: str | None, as_json: bool) -> None:
 @cli.command("list")
 @click.option("--json", "as_json", is_flag=True)
 def list_(as_json: bool) -> None:
-    """Every job optjob knows."""
-    from .commands import status_command
+    """Every job optjob knows (and any cloud cluster left behind by a finished one)."""
+    from .commands import open_store, status_command
 
     status_command(None, as_json=as_json)
+    from .cloud_commands import warn_orphans
+
+    warn_orphans(open_store())  # only if a job ran on SkyPilot and its API server answers quickly
 
 
 @cli.command()
@@ -120,12 +123,30 @@ def logs(name: str, follow: bool) -> None:
 
 
 @cli.command()
-@click.argument("name")
-def down(name: str) -> None:
+@click.argument("name", required=False)
+@click.option("--orphans", is_flag=True, help="Instead: remove what SkyPilot still holds of finished jobs.")
+def down(name: str | None, orphans: bool) -> None:
     """Stop a job and release its resources (idempotent)."""
+    if orphans == (name is not None):
+        raise click.UsageError("give a job NAME, or --orphans")
+    if orphans:
+        from .cloud_commands import down_orphans_command
+
+        down_orphans_command()
+        return
     from .commands import down_command
 
+    assert name is not None
     down_command(name)
+
+
+@cli.command()
+@click.argument("name")
+def pull(name: str) -> None:
+    """Copy a job's artifacts from storage.artifacts (s3://... or a folder) into its job folder."""
+    from .cloud_commands import pull_command
+
+    pull_command(name)
 
 
 @cli.command()

@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from optjob.specs import load_spec
 from optjob.specs.errors import PlanInfeasible, UsageError
 
 from . import paths
-from .plan import Plan, make_plan
 from .status import Reason
 from .store import JobRow, Store
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+#: Rows `optjob list` prints (the most recently updated, plus every unfinished job); --json lists all.
+#: Rendering is ~1 ms a row, so 10,000 jobs would take seconds.
+LIST_LIMIT = 50
 
 
 def open_store() -> Store:
@@ -40,6 +45,10 @@ def check_feasible(plan: Plan) -> None:
 
 
 def plan_command(spec_path: str, *, local: bool, as_json: bool) -> None:
+    # The spec models (pydantic) load here, not at import: status/list/logs never need them.
+    from optjob.specs import load_spec
+
+    from .plan import make_plan
     from .render import print_plan
 
     spec = load_spec(spec_path)
@@ -53,7 +62,10 @@ def plan_command(spec_path: str, *, local: bool, as_json: bool) -> None:
 
 def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, detach: bool, as_json: bool,
                   kills: int = 0, preemption_seed: int = 0) -> None:
+    from optjob.specs import load_spec
+
     from .apply import Controller
+    from .plan import make_plan
     from .render import print_plan
 
     spec = load_spec(spec_path)
@@ -86,6 +98,10 @@ def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, deta
     finally:
         if reporter is not None:
             reporter.close()
+    if outcome.status.is_terminal() and plan.provider == "skypilot" and spec.storage.is_remote:
+        from .cloud_commands import fetch_results
+
+        fetch_results(store, outcome.name)  # the node's results.json, for the report
     if outcome.status.is_terminal():
         _write_report(store, outcome.name, quiet=as_json)
     if as_json:
@@ -118,12 +134,18 @@ def _write_report(store: Store, name: str, *, quiet: bool) -> None:
 
 
 def reconcile_all(store: Store, jobs: list[JobRow]) -> list[JobRow]:
+    from optjob.specs.errors import ProviderError
+
     from .reconcile import owner_alive, reconcile_orphaned
 
     out = []
     for job in jobs:
         if not job.status.is_terminal() and not owner_alive(job):
-            job = reconcile_orphaned(store, provider_for(job.provider), job)
+            try:
+                job = reconcile_orphaned(store, provider_for(job.provider), job)
+            except ProviderError as exc:  # e.g. teardown not confirmed: show the job as it stands, not a crash
+                store.update_job(job.name, message=f"{exc.message} (retry with `optjob down {job.name}`)"[:2000])
+                job = store.job(job.name) or job
         out.append(job)
     return out
 
@@ -153,13 +175,20 @@ def status_command(name: str | None, *, as_json: bool) -> None:
         if job is None:
             raise UsageError(f"no job named {name!r}; see `optjob list`")
         jobs = [job]
-    else:
+    elif as_json:
         jobs = store.jobs()
+    else:
+        jobs = store.jobs(limit=LIST_LIMIT)
+        shown = {j.name for j in jobs}
+        jobs += [j for j in store.unfinished_jobs() if j.name not in shown]
     rows = [job_summary(store, j) for j in reconcile_all(store, jobs)]
     if as_json:
         click.echo(json.dumps(rows[0] if name else rows, indent=2))
     else:
         print_jobs(rows)
+        hidden = store.job_count() - len(rows) if name is None else 0
+        if hidden > 0:
+            click.echo(f"... and {hidden:,} older finished job(s) not shown (`optjob list --json` lists all)")
 
 
 def logs_command(name: str, *, follow: bool) -> None:
@@ -189,7 +218,7 @@ def logs_command(name: str, *, follow: bool) -> None:
 def down_command(name: str) -> None:
     from optjob.providers.base import Handle
 
-    from .reconcile import finalize, release
+    from .reconcile import final_status, finalize, release
     from .status import JobStatus, Reason
 
     store = open_store()
@@ -197,12 +226,20 @@ def down_command(name: str) -> None:
     if job is None:
         raise UsageError(f"no job named {name!r}; see `optjob list`")
     provider = provider_for(job.provider)
+    # How the last attempt ended before `down` touched it: a job that finished but whose teardown
+    # failed is recorded as it ended, not as cancelled.
+    last = ([a for a in store.attempts(name, run=job.run) if a.handle] or [None])[-1]
+    ended = provider.poll(Handle.from_json(last.handle or {})) if last is not None else None
     for attempt in store.attempts(name):
         if attempt.handle and not attempt.released:
             provider.stop(Handle.from_json(attempt.handle))
             release(store, provider, attempt)
     if not job.status.is_terminal():
-        finalize(store, provider, job, JobStatus.STOPPED, Reason.CANCELLED, "stopped by `optjob down`")
+        if ended is not None and ended.state.is_terminal():
+            status, reason = final_status(ended)
+            finalize(store, provider, job, status, reason, "resources released by `optjob down`")
+        else:
+            finalize(store, provider, job, JobStatus.STOPPED, Reason.CANCELLED, "stopped by `optjob down`")
     click.echo(f"{name}: resources released")
 
 

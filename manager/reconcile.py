@@ -52,7 +52,11 @@ def ingest(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow, h
             update["message"] = f"stopped: {e.get('reason')}"
     if attempt.status == AttemptState.LAUNCHING.value and events:
         update["status"] = JobStatus.RUNNING.value
-    store.add_events(job.name, attempt.number, events, log_offset=offset, attempt_id=attempt.id, job_update=update)
+    if not store.add_events(job.name, attempt.number, events, log_offset=offset, attempt_id=attempt.id,
+                            job_update=update, expect_offset=attempt.log_offset):
+        # Another process (a concurrent `status`) stored these bytes first: catch up, store nothing twice.
+        attempt.log_offset = store.log_offset(attempt.id)
+        return []
     attempt.log_offset = offset
     return events
 
@@ -90,7 +94,12 @@ def release(store: Store, provider: Provider, attempt: AttemptRow, *, retries: i
                 raise
             time.sleep(backoff_s * 2**i)
     now = time.time()
-    meter(store, attempt, until=now)  # billing runs until teardown is confirmed
+    # Billing runs until teardown is confirmed — except for an attempt a later one replaced (a
+    # preemption): the later attempt bills the resources from its own start, so this one stops
+    # at its end instead of overlapping it.
+    superseded = attempt.ended_at is not None and any(
+        a.number > attempt.number for a in store.attempts(attempt.job_name, run=attempt.run))
+    meter(store, attempt, until=attempt.ended_at if superseded else now)
     store.update_attempt(attempt.id, released=1, ended_at=attempt.ended_at or now)
     attempt.released = 1
 
@@ -145,6 +154,13 @@ def reconcile_orphaned(store: Store, provider: Provider, job: JobRow) -> JobRow:
     attempts = store.attempts(job.name, run=job.run)
     if not attempts:
         finalize(store, provider, job, JobStatus.FAILED, Reason.FAILED, "the manager stopped before launching")
+        return store.job(job.name) or job
+    if not attempts[-1].handle:  # the manager died inside launch: whatever it made is unknown
+        last = attempts[-1]
+        store.update_attempt(last.id, status=AttemptState.LOST, ended_at=last.ended_at or time.time(),
+                             detail="the manager stopped while launching this attempt")
+        finalize(store, provider, job, JobStatus.STOPPED, Reason.CANCELLED,
+                 "the manager stopped while launching; `optjob list` flags anything left behind")
         return store.job(job.name) or job
     obs = observe(store, provider, job, attempts[-1])
     if obs.poll.state.is_terminal():

@@ -102,6 +102,10 @@ class SkyClient(abc.ABC):
     def managed_job(self, job_id: int) -> ManagedJob | None:
         return next((j for j in self.managed_jobs([job_id]) if j.job_id == job_id), None)
 
+    def reachable(self) -> bool:
+        """Whether SkyPilot answers now without being started (``optjob list`` asks before looking)."""
+        return True
+
 
 def find_orphans(client: SkyClient, known_finished_clusters: Iterable[str],
                  known_active: Iterable[str] | None = None) -> list[str]:
@@ -185,6 +189,15 @@ class RealSkyClient(SkyClient):
 
     _JOB_FIELDS = ("job_id", "task_id", "job_name", "status", "recovery_count", "last_recovered_at",
                    "failure_reason", "cluster_resources", "resources", "submitted_at")
+
+    def reachable(self) -> bool:
+        """A health check of the API server; unlike every other call it never starts a local one."""
+        from sky.server import common
+
+        try:
+            return bool(common.get_api_server_status().status == common.ApiServerStatus.HEALTHY)
+        except Exception:  # any failure means "not now": callers skip the check
+            return False
 
     def _call(self, action: str, fn: Callable[[], T]) -> T:
         try:

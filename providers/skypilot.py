@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,8 +67,10 @@ class SkyPilotProvider(Provider):
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.time, retries: int = 5,
                  backoff_s: float = 2.0, teardown_timeout_s: float = 900.0, confirm_interval_s: float = 10.0,
                  stop_grace_s: float = 120.0) -> None:
-        """``wheel``: the optjob wheel to ship (default: built from this checkout on first launch)."""
+        """``wheel``: the optjob wheel to ship (default: ``$OPTJOB_WHEEL``, else built from this
+        checkout when a task is first submitted — not for an adopted managed job, not at import)."""
         self.client = client if client is not None else RealSkyClient()
+        wheel = wheel if wheel is not None else (os.environ.get("OPTJOB_WHEEL") or None)
         self._wheel = Path(wheel) if wheel is not None else None
         self.sleep, self.clock, self.retries, self.backoff_s = sleep, clock, retries, backoff_s
         self.teardown_timeout_s, self.confirm_interval_s, self.stop_grace_s = (
@@ -76,12 +79,15 @@ class SkyPilotProvider(Provider):
     # -- launch ---------------------------------------------------------------------------------
     def launch(self, request: LaunchRequest) -> Handle:
         spec, cluster = request.spec, request.cluster_name
-        if self._wheel is None:
-            self._wheel = build_wheel()
         job_file = request.job_dir / JOB_FILE
-        inputs = input_mounts(json.loads(job_file.read_text())) if job_file.is_file() else {}
-        config = task_config(spec, attempt=request.attempt, env=request.env, job_file=job_file, wheel=self._wheel,
-                             inputs=inputs)
+
+        def config() -> dict[str, Any]:  # only when a task is really submitted
+            if self._wheel is None:
+                self._wheel = build_wheel()
+            inputs = input_mounts(json.loads(job_file.read_text())) if job_file.is_file() else {}
+            return task_config(spec, attempt=request.attempt, env=request.env, job_file=job_file,
+                               wheel=self._wheel, inputs=inputs)
+
         (request.job_dir / "logs").mkdir(parents=True, exist_ok=True)
         data: dict[str, Any] = {"nodes": spec.resources.nodes, "spot": spec.resources.spot,
                                 "job_dir": str(request.job_dir)}
@@ -91,7 +97,7 @@ class SkyPilotProvider(Provider):
                 data.update(self._launch_managed(config, cluster, request.job_dir, out))
                 write_json_atomic(request.job_dir / OWNER_FILE, {"job_id": data["job_id"], "attempt": request.attempt})
             else:
-                job_id = self._launch_cluster(config, cluster, spec.resources.autostop_minutes, out)
+                job_id = self._launch_cluster(config(), cluster, spec.resources.autostop_minutes, out)
                 data.update(mode="cluster", job_id=job_id)
         return Handle(provider=self.name, cluster=cluster, attempt=request.attempt, data=data)
 
@@ -107,7 +113,8 @@ class SkyPilotProvider(Provider):
                 raise ProviderError(exc.message, hint="; ".join(filter(None, [exc.hint, also]))) from exc
             raise
 
-    def _launch_managed(self, config: dict[str, Any], name: str, job_dir: Path, out: Any) -> dict[str, Any]:
+    def _launch_managed(self, config: Callable[[], dict[str, Any]], name: str, job_dir: Path,
+                        out: Any) -> dict[str, Any]:
         mine = self._owner(job_dir).get("job_id")  # only a job launched for this job folder is adopted
         live = [j for j in self._retry(self.client.managed_jobs)
                 if j.job_id == mine and j.name == name and not j.terminal and j.status != "CANCELLING"]
@@ -115,7 +122,7 @@ class SkyPilotProvider(Provider):
             job = live[0]
             count = job.recovery_count + (1 if job.status == "RECOVERING" else 0)  # bumped when recovered
             return {"mode": "managed", "job_id": job.job_id, "recovery_count": count, "adopted": True}
-        job_id = self.client.jobs_launch(config, name, log=out)
+        job_id = self.client.jobs_launch(config(), name, log=out)
         return {"mode": "managed", "job_id": job_id, "recovery_count": 0, "adopted": False}
 
     # -- poll -----------------------------------------------------------------------------------

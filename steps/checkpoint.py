@@ -15,13 +15,17 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from optjob.specs.errors import StepError
 
 MANIFEST = "manifest.json"
 KEEP = 2
+#: Called as ``hook(folder, step)`` once a checkpoint is in place (``steps.sync`` uploads it).
+on_checkpoint: list[Callable[[Path, int], None]] = []
 _NAME = re.compile(r"^step-(\d{6,})$")
 
 
@@ -79,10 +83,21 @@ def save_checkpoint(root: Path, step: int, parts: dict[str, Any], meta: dict[str
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # torch reports a failed write (disk full, file-size limit) as an opaque RuntimeError from its
+        # zip writer ("enforce fail at inline_container.cc"): say what failed and what is kept.
+        kept = next((p.name for p in list_checkpoints(root) if p != final), None)
+        raise StepError(
+            f"could not write checkpoint {final.name} in {root}: {exc} (is the disk full, or a file-size "
+            f"limit reached?); " + (f"the previous checkpoint {kept} is kept" if kept else "no earlier checkpoint")
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _prune(root)
+    for hook in list(on_checkpoint):
+        hook(final, step)
     return final
 
 

@@ -117,6 +117,8 @@ class FakeSky(SkyClient):
             raise self.launch_error
         if log is not None:
             log.write(f"Launching {cluster}...\n")
+        if c.status == "STOPPED":
+            c.status = "UP"  # sky.launch restarts a stopped cluster
         job_id, self._next_id = self._next_id, self._next_id + 1
         c.jobs[job_id] = FakeJob()
         return job_id

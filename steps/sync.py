@@ -1,0 +1,249 @@
+"""Keep a job folder and its artifact storage in step, so an attempt on a fresh node resumes.
+
+When ``OPTJOB_STORAGE`` (``s3://bucket/prefix``) is set on the node, the runner
+``pull``s before it starts — every finished step (``done.json`` + its model), the newest
+complete checkpoint of the first unfinished step, ``results.json`` — and pushes as it
+goes: each checkpoint once it is in place (``checkpoint.on_checkpoint``), each finished
+step, and ``results.json``. The storage mirrors the job folder::
+
+    PREFIX/results.json
+    PREFIX/steps/NN-KIND/done.json                  written after the model: marks the step done
+    PREFIX/steps/NN-KIND/model/...                  complete when its .optjob-manifest.json exists
+    PREFIX/steps/NN-KIND/checkpoints/step-NNNNNN/   idem; the newest KEEP are kept
+
+A push that fails mid-run is reported on stderr and tried again at the next one (uploads
+skip files already there); only the final push at the end of the job must succeed. Only
+rank 0 pushes. ``optjob pull NAME`` uses ``pull`` too. Stdlib only at import: the storage
+module (boto3) is imported when a storage is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from .layout import RESULTS_FILE, write_json_atomic
+
+if TYPE_CHECKING:
+    from optjob.providers.storage import Storage
+
+ENV = "OPTJOB_STORAGE"
+KEEP = 2  # checkpoints kept in storage per step, as on disk (steps.checkpoint.KEEP)
+_CKPT = re.compile(r"^step-(\d{6,})$")
+_STEP = re.compile(r"^\d{2,}-[a-z_]+$")
+
+
+def _say(message: str) -> None:
+    print(f"[optjob] storage: {message}", file=sys.stderr, flush=True)
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _sha256(path: Path) -> str:
+    from optjob.providers.storage import sha256_file
+
+    return sha256_file(path)
+
+
+def _valid_checkpoint(folder: Path) -> bool:
+    """The checkpoint's own manifest (``steps.checkpoint``) lists files that all check out."""
+    try:
+        files = json.loads((folder / "manifest.json").read_text())["files"]
+        return "meta.json" in files and all(_sha256(folder / n) == d for n, d in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _ckpt_step(name: str) -> int:
+    m = _CKPT.match(name)
+    return int(m.group(1)) if m else -1
+
+
+def rebase_output(output: Any, job_dir: Path) -> Any:
+    """A ``done.json`` output path written on another node -> the same file in ``job_dir``."""
+    if not isinstance(output, str):
+        return output
+    parts = PurePosixPath(output).parts
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "steps" and _STEP.match(parts[i + 1]):
+            return str(job_dir.joinpath(*parts[i:]))
+    return output
+
+
+class Sync:
+    """A job folder and its storage (``providers.storage.Storage``)."""
+
+    def __init__(self, storage: Storage, job_dir: Path) -> None:
+        self.storage, self.job_dir = storage, Path(job_dir)
+
+    # -- pull -------------------------------------------------------------------------------------
+    def pull(self, *, overwrite_results: bool = False) -> dict[str, Any]:
+        """Fetch what the job folder lacks; returns what came (for a log line and tests)."""
+        got: dict[str, Any] = {"steps": [], "checkpoints": [], "results": False}
+        with self._lock():
+            keys = self.storage.list_keys("steps")
+            names = {k.split("/")[1] for k in keys if k.count("/") >= 2 and _STEP.match(k.split("/")[1])}
+            for name in sorted(names, key=lambda n: int(n.split("-", 1)[0])):
+                if (self.job_dir / "steps" / name / "done.json").is_file():
+                    continue  # this folder has it already (the same node, relaunched)
+                if self._pull_step(name, keys):
+                    got["steps"].append(name)
+                    continue
+                if (ckpt := self._pull_checkpoint(name)) is not None:  # the step to resume
+                    got["checkpoints"].append(f"{name}/{ckpt}")
+                break
+            results = self.job_dir / RESULTS_FILE
+            if overwrite_results or not results.exists():
+                data = self.storage.get_bytes(RESULTS_FILE)
+                if data is not None:
+                    results.parent.mkdir(parents=True, exist_ok=True)
+                    write_json_atomic(results, json.loads(data))
+                    got["results"] = True
+        return got
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """One pull at a time per job folder (several ranks of one node start together)."""
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.job_dir / ".sync.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _pull_step(self, name: str, keys: list[str]) -> bool:
+        """A finished step: its model (if it made one), then its done.json. False if not finished."""
+        from optjob.providers.storage import MANIFEST
+
+        local = self.job_dir / "steps" / name
+        data = self.storage.get_bytes(f"steps/{name}/done.json")
+        if data is None:
+            return False
+        done = json.loads(data)
+        done["output"] = rebase_output(done.get("output"), self.job_dir)
+        if f"steps/{name}/model/{MANIFEST}" in keys:
+            self._fetch(f"steps/{name}/model", local / "model")
+        elif done["output"] == str(local / "model"):
+            _say(f"steps/{name} has done.json but no complete model: the step runs again")
+            return False
+        write_json_atomic(local / "done.json", done)
+        return True
+
+    def _pull_checkpoint(self, name: str) -> str | None:
+        """The newest complete checkpoint in storage, when it is newer than any valid one here."""
+        prefix = f"steps/{name}/checkpoints"
+        best = self.storage.latest_checkpoint(prefix)
+        if best is None:
+            return None
+        root = self.job_dir / "steps" / name / "checkpoints"
+        here = [p for p in root.iterdir() if _ckpt_step(p.name) >= 0] if root.is_dir() else []
+        if any(_ckpt_step(p.name) >= _ckpt_step(best) and _valid_checkpoint(p) for p in here):
+            return None
+        self._fetch(f"{prefix}/{best}", root / best)
+        return best
+
+    def _fetch(self, prefix: str, dest: Path) -> None:
+        """Download a complete folder; a new one appears whole (fetched aside, then renamed)."""
+        if dest.is_dir():
+            self.storage.sync_down(prefix, dest)  # verifies every file, fetches what differs
+            return
+        tmp = dest.parent / f".tmp-pull-{dest.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.storage.sync_down(prefix, tmp)
+        os.replace(tmp, dest)
+
+    # -- push -------------------------------------------------------------------------------------
+    def push_checkpoint(self, folder: Path, step: int) -> None:
+        """``checkpoint.on_checkpoint`` hook: upload the checkpoint, drop older ones from storage."""
+        from optjob.specs.errors import ProviderError
+
+        if not _rank0():
+            return
+        try:
+            rel = Path(folder).resolve().relative_to(self.job_dir.resolve()).as_posix()
+        except ValueError:
+            return  # not this job's (a test's scratch folder)
+        try:
+            self.storage.sync_up(Path(folder), rel, step=step)
+            self._prune(rel.rsplit("/", 1)[0], Path(folder).parent)
+        except ProviderError as exc:
+            _say(f"could not upload {rel} ({exc}); the next checkpoint tries again")
+
+    def _prune(self, prefix: str, local_root: Path) -> None:
+        keep = {p.name for p in local_root.iterdir() if _ckpt_step(p.name) >= 0}
+        complete = self.storage.checkpoints(prefix)
+        newest = sorted(complete, key=_ckpt_step)[-KEEP:]
+        for name in complete:
+            if name not in keep and name not in newest:
+                from optjob.providers.storage import MANIFEST
+
+                self.storage.delete(f"{prefix}/{name}/{MANIFEST}")  # incomplete first, then gone
+                for key in self.storage.list_keys(f"{prefix}/{name}"):
+                    self.storage.delete(key)
+
+    def push_steps(self, *, final: bool = False) -> None:
+        """Upload every finished step storage lacks (model, then done.json), then results.json.
+        Errors are reported and left for the next push, except at the end (``final``)."""
+        from optjob.specs.errors import ProviderError
+
+        if not _rank0():
+            return
+        try:
+            for done in sorted((self.job_dir / "steps").glob("*/done.json")):
+                key = f"steps/{done.parent.name}/done.json"
+                data = done.read_bytes()
+                if self.storage.get_bytes(key) == data:
+                    continue
+                model = done.parent / "model"
+                if model.is_dir():
+                    self.storage.sync_up(model, f"steps/{done.parent.name}/model")
+                self.storage.put_bytes(key, data)
+            results = self.job_dir / RESULTS_FILE
+            if results.is_file():
+                self.storage.put_bytes(RESULTS_FILE, results.read_bytes())
+        except ProviderError as exc:
+            if final:
+                raise
+            _say(f"could not upload the finished steps ({exc}); tried again after the next step")
+
+    # -- as the runner uses it --------------------------------------------------------------------
+    def start(self) -> None:
+        """Pull, then push every checkpoint written from now on."""
+        from . import checkpoint
+
+        got = self.pull()
+        if got["steps"] or got["checkpoints"]:
+            _say(f"pulled from {self.storage.url}: finished steps {got['steps'] or 'none'}, "
+                 f"checkpoints {got['checkpoints'] or 'none'}")
+        checkpoint.on_checkpoint.append(self.push_checkpoint)
+
+    def close(self) -> None:
+        from . import checkpoint
+
+        with contextlib.suppress(ValueError):
+            checkpoint.on_checkpoint.remove(self.push_checkpoint)
+
+
+def from_env(job_dir: Path) -> Sync | None:
+    """The sync the node's ``OPTJOB_STORAGE`` asks for, or None (unset, or not an s3:// URL:
+    a folder named by the manager's machine means nothing on a node)."""
+    url = os.environ.get(ENV, "").strip()
+    if not url:
+        return None
+    if not url.startswith("s3://"):
+        _say(f"{ENV}={url} is not s3://bucket/prefix: checkpoints stay on this node")
+        return None
+    from optjob.providers.storage import S3Storage
+
+    return Sync(S3Storage(url), job_dir)

@@ -1,0 +1,229 @@
+"""Node-side checkpoint sync (``steps.sync``): the folder logic against a local-folder storage,
+and the real workload against S3 — moto's server on 127.0.0.1 — killed after a checkpoint,
+its job folder wiped (a fresh node), rerun: it resumes from the bucket and ends with the
+same metrics as a straight run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from optjob.providers.storage import MANIFEST, LocalStorage
+from optjob.steps.layout import JobFile, step_dir
+from optjob.steps.sync import Sync, from_env, rebase_output
+
+Spec = Callable[..., dict[str, Any]]
+
+
+def checkpoint(root: Path, step: int, payload: bytes = b"w") -> Path:
+    """A folder shaped like steps.checkpoint's (its own manifest.json with sha256s)."""
+    from optjob.providers.storage import sha256_file
+
+    folder = root / f"step-{step:06d}"
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(payload * 100)
+    (folder / "meta.json").write_text(json.dumps({"step": step}))
+    files = {n: sha256_file(folder / n) for n in ("model.pt", "meta.json")}
+    (folder / "manifest.json").write_text(json.dumps({"step": step, "files": files}))
+    return folder
+
+
+def test_push_and_pull_mirror_the_job_folder(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path / "bucket")
+    node = tmp_path / "node-a" / "job"
+    sync = Sync(store, node)
+    train = step_dir(node, 0, "train")
+    for step in (4, 8, 12):
+        folder = checkpoint(train / "checkpoints", step)
+        if step == 12:  # steps.checkpoint keeps the newest two on disk
+            shutil.rmtree(train / "checkpoints" / "step-000004")
+        sync.push_checkpoint(folder, step)
+    assert store.checkpoints("steps/00-train/checkpoints") == ["step-000008", "step-000012"]  # 4 pruned
+    sync.push_checkpoint(checkpoint(tmp_path / "elsewhere", 99), 99)  # not this job's: ignored
+    assert "elsewhere" not in " ".join(store.list_keys())
+
+    (train / "model").mkdir()
+    (train / "model" / "weights.bin").write_bytes(b"m" * 1000)
+    done = {"index": 0, "kind": "train", "output": str(train / "model"), "metrics": {"steps": 12}}
+    (train / "done.json").write_text(json.dumps(done))
+    (node / "results.json").write_text(json.dumps({"name": "tiny", "baseline": {"eval_loss": 6.0}}))
+    sync.push_steps()
+    keys = store.list_keys()
+    assert {"results.json", "steps/00-train/done.json", f"steps/00-train/model/{MANIFEST}"} <= set(keys)
+
+    # A fresh node somewhere else: the finished step comes back, its output rebased to this folder.
+    fresh = tmp_path / "node-b" / "optjob-job"
+    got = Sync(store, fresh).pull()
+    assert got == {"steps": ["00-train"], "checkpoints": [], "results": True}
+    pulled = json.loads((step_dir(fresh, 0, "train") / "done.json").read_text())
+    assert pulled["output"] == str(step_dir(fresh, 0, "train") / "model")
+    assert (step_dir(fresh, 0, "train") / "model" / "weights.bin").read_bytes() == b"m" * 1000
+    assert json.loads((fresh / "results.json").read_text())["baseline"] == {"eval_loss": 6.0}
+
+
+def test_pull_resumes_the_first_unfinished_step_from_its_newest_checkpoint(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path / "bucket")
+    node = tmp_path / "a"
+    sync = Sync(store, node)
+    done_dir = step_dir(node, 0, "prune")
+    (done_dir / "model").mkdir(parents=True)
+    (done_dir / "model" / "w").write_text("pruned")
+    (done_dir / "done.json").write_text(json.dumps({"output": str(done_dir / "model")}))
+    sync.push_steps()
+    for step in (3, 6):
+        sync.push_checkpoint(checkpoint(step_dir(node, 1, "train") / "checkpoints", step), step)
+    half = checkpoint(tmp_path / "half", 9)  # an upload killed before its manifest: incomplete
+    store.put_file(half / "model.pt", "steps/01-train/checkpoints/step-000009/model.pt", "x")
+
+    fresh = tmp_path / "b"
+    got = Sync(store, fresh).pull()
+    assert got["steps"] == ["00-prune"] and got["checkpoints"] == ["01-train/step-000006"]
+    ckpts = step_dir(fresh, 1, "train") / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000006"]  # whole, renamed into place
+    assert json.loads((ckpts / "step-000006" / "meta.json").read_text()) == {"step": 6}
+
+    # A node that already holds a newer valid checkpoint keeps it; an invalid newer one does not count.
+    checkpoint(step_dir(fresh, 1, "train") / "checkpoints", 7)
+    assert Sync(store, fresh).pull()["checkpoints"] == []
+    broken = checkpoint(step_dir(tmp_path / "c", 1, "train") / "checkpoints", 7)
+    (broken / "model.pt").write_bytes(b"torn")
+    assert Sync(store, tmp_path / "c").pull()["checkpoints"] == ["01-train/step-000006"]
+
+
+def test_only_rank_0_pushes_and_only_s3_urls_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LocalStorage(tmp_path / "bucket")
+    monkeypatch.setenv("RANK", "1")
+    sync = Sync(store, tmp_path / "job")
+    sync.push_checkpoint(checkpoint(tmp_path / "job" / "steps" / "00-train" / "checkpoints", 2), 2)
+    assert store.list_keys() == []
+    monkeypatch.delenv("OPTJOB_STORAGE", raising=False)
+    assert from_env(tmp_path) is None
+    monkeypatch.setenv("OPTJOB_STORAGE", "/Users/someone/artifacts")  # the manager's folder
+    assert from_env(tmp_path) is None
+    assert rebase_output("/home/ubuntu/optjob-job/steps/02-quantize/model", tmp_path) == \
+        str(tmp_path / "steps" / "02-quantize" / "model")
+    assert rebase_output("/models/base", tmp_path) == "/models/base" and rebase_output(None, tmp_path) is None
+
+
+# ------------------------------------------------------------------ the real workload against S3 (moto)
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    """moto's S3 in a thread, on a free port of 127.0.0.1."""
+    moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (test-only)")
+    pytest.importorskip("boto3", reason="needs the cloud extra")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
+    """Dummy credentials and the moto endpoint, in this test's environment only (the workload
+    reads AWS_ENDPOINT_URL like any boto3 program)."""
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint, "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"), "NO_PROXY": "127.0.0.1,localhost"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import boto3
+
+    bucket = f"optjob-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return {**env, "OPTJOB_STORAGE": f"s3://{bucket}/jobs/tiny"}
+
+
+def _events(text: str) -> list[dict[str, Any]]:
+    from optjob.steps.events import parse_event
+
+    return [e for e in map(parse_event, text.splitlines()) if e is not None]
+
+
+@pytest.mark.slow
+def test_fresh_node_resumes_from_the_bucket(
+    tmp_path: Path, tiny_spec: Spec, shared_cache: Path, s3_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], restore_signals: None,
+) -> None:  # fmt: skip
+    from optjob.providers.storage import S3Storage
+    from optjob.specs.data import DataSpec
+    from optjob.steps import runner
+    from optjob.steps.data import load_text
+
+    load_text(DataSpec(), shared_cache)  # the corpus is built here, not in the subprocess
+    spec = tiny_spec(steps=[{"train": {"max_steps": 12, "lr": 3e-3, "batch_size": 8, "checkpoint_every": 4,
+                                       "log_every": 1, "seed": 1}},
+                            {"evaluate": {"latency_repeats": 1, "generate_tokens": 4, "max_batches": 4}}])
+
+    def folder(name: str) -> Path:
+        quick = {"auto_evaluate": {"latency_repeats": 1, "generate_tokens": 4, "max_batches": 4}}
+        JobFile(spec=spec, device="cpu", cache_dir=str(shared_cache), extra=quick).write(tmp_path / name)
+        return tmp_path / name
+
+    # A straight run, no storage.
+    monkeypatch.delenv("OPTJOB_STORAGE", raising=False)
+    straight = folder("straight")
+    assert runner.main(["run", str(straight)]) == 0
+    capsys.readouterr()
+    expected = json.loads((straight / "results.json").read_text())
+
+    # The same job with storage, SIGKILLed (a spot reclaim) right after its first checkpoint.
+    node = folder("node")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPTJOB_")}, **s3_env,
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "optjob.steps", "run", str(node)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if '"checkpoint"' in line:  # pushed before the event is printed
+            proc.send_signal(signal.SIGKILL)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err
+    bucket = S3Storage(s3_env["OPTJOB_STORAGE"])
+    saved = bucket.latest_checkpoint("steps/00-train/checkpoints")
+    assert saved in ("step-000004", "step-000008"), bucket.list_keys()
+    assert bucket.get_bytes("steps/00-train/done.json") is None
+
+    # A fresh node: nothing but job.json. The rerun pulls the checkpoint and resumes from it.
+    for path in node.iterdir():
+        if path.name != "job.json":
+            (path.unlink if path.is_file() else shutil.rmtree)(path)
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    assert runner.main(["run", str(node)]) == 0
+    out, err = capsys.readouterr()
+    resumed = int(saved.split("-")[1])
+    assert f"resuming from {node / 'steps' / '00-train' / 'checkpoints' / saved} (step {resumed})" in err
+    assert resumed > 0 and "pulled from s3://" in err
+    progress = [e["step"] for e in _events(out) if e["event"] == "progress" and e["index"] == 0]
+    assert progress[0] == resumed + 1 and progress[-1] == 12
+    results = json.loads((node / "results.json").read_text())
+    for key in ("eval_loss", "perplexity", "accuracy"):
+        assert results["final"][key] == pytest.approx(expected["final"][key], rel=1e-5), key
+    assert results["steps"][0]["metrics"]["steps"] == 12
+
+    # Everything reached the bucket; a second fresh node skips the finished steps outright.
+    assert bucket.manifest("steps/00-train/model") is not None
+    assert json.loads(bucket.get_bytes("results.json") or b"{}")["final"] == results["final"]
+    other = folder("other-node")
+    assert runner.main(["run", str(other)]) == 0
+    out, err = capsys.readouterr()
+    done = [e for e in _events(out) if e["event"] == "step_done"]
+    assert [d["skipped"] for d in done] == [True, True] and "resuming" not in err
+    assert json.loads((other / "results.json").read_text())["final"] == results["final"]
