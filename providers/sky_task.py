@@ -153,11 +153,12 @@ def run_script() -> str:
     return "\n".join([
         "set -u",
         'cd "$HOME"',
-        'if [ "${SKYPILOT_NUM_NODES:-1}" -gt 1 ]; then',
-        '  head_ip=$(echo "$SKYPILOT_NODE_IPS" | head -n1)',
-        '  nproc="${SKYPILOT_NUM_GPUS_PER_NODE:-1}"; [ "$nproc" -ge 1 ] 2>/dev/null || nproc=1',
-        f'  "{REMOTE_VENV}/bin/torchrun" --nnodes="$SKYPILOT_NUM_NODES"'
-        ' --node_rank="$SKYPILOT_NODE_RANK" --nproc_per_node="$nproc"'
+        f'rm -f {job}/exit-code',
+        'nproc="${SKYPILOT_NUM_GPUS_PER_NODE:-1}"; [ "$nproc" -ge 1 ] 2>/dev/null || nproc=1',
+        'if [ "${SKYPILOT_NUM_NODES:-1}" -gt 1 ] || [ "$nproc" -gt 1 ]; then',
+        '  head_ip=$(echo "${SKYPILOT_NODE_IPS:-127.0.0.1}" | head -n1)',
+        f'  "{REMOTE_VENV}/bin/torchrun" --nnodes="${{SKYPILOT_NUM_NODES:-1}}"'
+        ' --node_rank="${SKYPILOT_NODE_RANK:-0}" --nproc_per_node="$nproc"'
         f' --master_addr="$head_ip" --master_port=29500 -m optjob.steps run {job} &',
         "else",
         f'  "{REMOTE_VENV}/bin/python" -u -m optjob.steps run {job} &',
@@ -166,6 +167,8 @@ def run_script() -> str:
         "trap 'echo \"[optjob] SIGTERM: asking the workload to checkpoint\"; kill -TERM $child' TERM",
         'wait "$child"; rc=$?',
         'while kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done',
+        # Under torchrun any failing worker makes rc 1; each node's local rank 0 records its own status.
+        f'if [ -s {job}/exit-code ]; then rc=$(cat {job}/exit-code); fi',
         f'echo "{EXIT_MARKER} $rc"',
         "exit $rc",
     ]) + "\n"

@@ -242,3 +242,24 @@ def test_local_inputs_are_mounted(tmp_path: Path, sky_home: Path) -> None:  # no
                                   wheel="/tmp/optjob-0.1.0-py3-none-any.whl", inputs=mounts)
     assert config["file_mounts"][str(corpus)] == str(corpus)
     assert str(corpus) in (sky.Task.from_yaml_config(config).file_mounts or {})
+
+
+def test_run_script_one_node_several_gpus_uses_torchrun(tmp_path: Path) -> None:
+    script, env = _node(tmp_path, SKYPILOT_NUM_GPUS_PER_NODE="4")
+    (tmp_path / "node" / "optjob-venv" / "bin" / "torchrun").write_text("#!/bin/bash\necho \"torchrun $*\"\n")
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "torchrun --nnodes=1 --node_rank=0 --nproc_per_node=4 --master_addr=127.0.0.1" in proc.stdout
+
+
+def test_run_script_prefers_the_workloads_own_exit_code_over_torchruns(tmp_path: Path) -> None:
+    """torchrun exits 1 when any worker exits non-zero; rank 0's exit-code file (written by
+    ``python -m optjob.steps``) keeps a graceful stop (143) from reading as a failure."""
+    script, env = _node(tmp_path, SKYPILOT_NUM_GPUS_PER_NODE="2")
+    job = tmp_path / "node" / "optjob-job"
+    job.mkdir(parents=True)
+    (tmp_path / "node" / "optjob-venv" / "bin" / "torchrun").write_text(
+        f"#!/bin/bash\necho 143 > {job}/exit-code\nexit 1\n")
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 143
+    assert proc.stdout.strip().endswith(f"{sky_task.EXIT_MARKER} 143")
