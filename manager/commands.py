@@ -228,8 +228,8 @@ def down_command(name: str) -> None:
     provider = provider_for(job.provider)
     # How the last attempt ended before `down` touched it: a job that finished but whose teardown
     # failed is recorded as it ended, not as cancelled.
-    last = ([a for a in store.attempts(name, run=job.run) if a.handle] or [None])[-1]
-    ended = provider.poll(Handle.from_json(last.handle or {})) if last is not None else None
+    launched = [a for a in store.attempts(name, run=job.run) if a.handle]
+    ended = provider.poll(Handle.from_json(launched[-1].handle or {})) if launched else None
     for attempt in store.attempts(name):
         if attempt.handle and not attempt.released:
             provider.stop(Handle.from_json(attempt.handle))

@@ -33,13 +33,9 @@ def rate_usd_per_s(attempt: AttemptRow) -> float:
 def meter(store: Store, attempt: AttemptRow, until: float | None = None) -> float:
     """Record spend for ``attempt`` up to ``until`` (now); returns the job's total spend."""
     end = until if until is not None else time.time()
-    billed = store.metered_seconds(attempt.job_name, attempt.number)
-    seconds = max(0.0, end - attempt.started_at - billed)
-    if seconds > 0:
-        store.add_ledger(
-            attempt.job_name, attempt.number, seconds=seconds, usd=seconds * rate_usd_per_s(attempt),
-            hourly_usd=attempt.hourly_usd, nodes=attempt.nodes, spot=bool(attempt.spot),
-        )
+    store.bill_until(attempt.job_name, attempt.number, seconds=end - attempt.started_at,
+                     usd_per_s=rate_usd_per_s(attempt), hourly_usd=attempt.hourly_usd, nodes=attempt.nodes,
+                     spot=bool(attempt.spot))
     return store.spend(attempt.job_name)
 
 

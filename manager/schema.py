@@ -83,6 +83,10 @@ MIGRATIONS: list[str] = [
         tokens_per_s REAL NOT NULL
     );
     """,
+    # 1 -> 2: attempts are read by (job, run) on every tick, status and report.
+    """
+    CREATE INDEX IF NOT EXISTS attempts_by_job_run ON attempts (job_name, run, number);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -145,6 +145,15 @@ class Store:
         sql = "SELECT * FROM jobs ORDER BY updated_at DESC" + (f" LIMIT {int(limit)}" if limit else "")
         return [_row(JobRow, r) for r in self.db.execute(sql)]
 
+    def unfinished_jobs(self) -> list[JobRow]:
+        """Jobs not in a terminal status (``optjob list`` reconciles them all, whatever its limit)."""
+        terminal = tuple(s.value for s in JobStatus if s.is_terminal())
+        sql = f"SELECT * FROM jobs WHERE status NOT IN ({', '.join('?' * len(terminal))}) ORDER BY updated_at DESC"
+        return [_row(JobRow, r) for r in self.db.execute(sql, terminal)]
+
+    def job_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+
     def update_job(self, name: str, **values: Any) -> None:
         values["updated_at"] = time.time()
         for key in ("status", "reason"):
@@ -235,10 +244,18 @@ class Store:
     # ---- events ---------------------------------------------------------------------------------
 
     def add_events(self, job: str, attempt: int, events: list[dict[str, Any]], *, log_offset: int | None = None,
-                   attempt_id: int | None = None, job_update: dict[str, Any] | None = None) -> None:
+                   attempt_id: int | None = None, job_update: dict[str, Any] | None = None,
+                   expect_offset: int | None = None) -> bool:
         """Store events, advance the attempt's log offset and update the job row, atomically:
-        a reader sees all of it or none, and a crash never ingests an event twice."""
+        a reader sees all of it or none, and a crash never ingests an event twice.
+
+        With ``expect_offset``, nothing is written (and False returned) unless the attempt's
+        stored offset is still that: another process (a second ``status``) ingested those bytes."""
         with self.tx() as db:
+            if expect_offset is not None and attempt_id is not None:
+                row = db.execute("SELECT log_offset FROM attempts WHERE id = ?", (attempt_id,)).fetchone()
+                if row is None or row[0] != expect_offset:
+                    return False
             db.executemany(
                 "INSERT INTO events (job_name, attempt, ts, kind, step_index, payload) VALUES (?, ?, ?, ?, ?, ?)",
                 [(job, attempt, e.get("ts", time.time()), e["event"], e.get("index"), json.dumps(e)) for e in events],
@@ -249,6 +266,11 @@ class Store:
                 job_update = {**job_update, "updated_at": time.time()}
                 cols = ", ".join(f"{k} = ?" for k in job_update)
                 db.execute(f"UPDATE jobs SET {cols} WHERE name = ?", (*job_update.values(), job))
+        return True
+
+    def log_offset(self, attempt_id: int) -> int:
+        row = self.db.execute("SELECT log_offset FROM attempts WHERE id = ?", (attempt_id,)).fetchone()
+        return int(row[0]) if row else 0
 
     def events(self, job: str, *, kinds: tuple[str, ...] = (), after_id: int = 0, limit: int | None = None
                ) -> list[tuple[int, dict[str, Any]]]:
@@ -270,6 +292,23 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job, attempt, time.time(), seconds, usd, hourly_usd, nodes, int(spot), note),
             )
+
+    def bill_until(self, job: str, attempt: int, *, seconds: float, usd_per_s: float, hourly_usd: float,
+                   nodes: int, spot: bool) -> float:
+        """Bring the attempt's metered time up to ``seconds`` (since its start), in one write
+        transaction, so concurrent meters (apply, several ``status``) never bill a second twice.
+        Returns the seconds added."""
+        with self.tx() as db:
+            billed = float(db.execute("SELECT COALESCE(SUM(seconds), 0) FROM ledger WHERE job_name = ? AND attempt = ?",
+                                      (job, attempt)).fetchone()[0])
+            add = seconds - billed
+            if add > 0:
+                db.execute(
+                    "INSERT INTO ledger (job_name, attempt, ts, seconds, usd, hourly_usd, nodes, spot, note) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, '')",
+                    (job, attempt, time.time(), add, add * usd_per_s, hourly_usd, nodes, int(spot)),
+                )
+        return max(0.0, add)
 
     def spend(self, job: str, attempt: int | None = None) -> float:
         sql = "SELECT COALESCE(SUM(usd), 0) FROM ledger WHERE job_name = ?"

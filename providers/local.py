@@ -43,6 +43,16 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class LocalProvider(Provider):
     """Runs attempts on this machine. ``python`` is the interpreter for the workload."""
 
@@ -61,9 +71,11 @@ class LocalProvider(Provider):
         exit_file = self._exit_file(request.job_dir, request.attempt)
         exit_file.unlink(missing_ok=True)
         argv = [self.python, "-u", "-m", "optjob.steps", "run", str(request.job_dir)]
-        # The shell forwards TERM to the workload and records how it ended, whatever happens to us.
+        # The shell forwards TERM to the workload (once: the workload reads a second TERM as "stop now,
+        # skip the checkpoint") and records how it ended, whatever happens to us.
         script = (
-            f"{shlex.join(argv)} & child=$!; trap 'kill -TERM $child 2>/dev/null' TERM INT; "
+            f"{shlex.join(argv)} & child=$!; sent=; "
+            f"trap '[ -n \"$sent\" ] || {{ sent=1; kill -TERM $child 2>/dev/null; }}' TERM INT; "
             f"wait $child; rc=$?; while kill -0 $child 2>/dev/null; do wait $child; rc=$?; done; "
             f"echo $rc > {shlex.quote(str(exit_file))}.tmp && mv {shlex.quote(str(exit_file))}.tmp "
             f"{shlex.quote(str(exit_file))}"
@@ -97,7 +109,7 @@ class LocalProvider(Provider):
             if code in KILLED_CODES:
                 return Poll(AttemptState.PREEMPTED, code, "the workload was killed (SIGKILL)")
             return Poll(AttemptState.FAILED, code)
-        if _alive(int(handle.data["pid"])):
+        if self._running(handle):
             return Poll(AttemptState.RUNNING, nodes=1)
         if exit_file.exists():  # it ended between the two checks
             return self.poll(handle)
@@ -115,7 +127,16 @@ class LocalProvider(Provider):
         return chunk[:end].decode("utf-8", "replace"), offset + end
 
     def stop(self, handle: Handle) -> None:
-        self._signal(handle, signal.SIGTERM)
+        """One SIGTERM to the wrapper shell, which forwards exactly one to the workload. Signalling the
+        whole group would deliver two (the shell forwards too), and a second TERM skips the checkpoint."""
+        if self._exit_file(Path(handle.data["job_dir"]), handle.attempt).exists():
+            return  # it has ended: its pid may belong to someone else by now
+        try:
+            os.kill(int(handle.data["pid"]), signal.SIGTERM)
+        except ProcessLookupError:  # the shell is gone: signal what is left of the group
+            self._signal(handle, signal.SIGTERM)
+        except PermissionError:
+            pass
 
     def kill(self, handle: Handle) -> None:
         """SIGKILL the workload alone, as a spot reclaim would (used by preemption rehearsal)."""
@@ -132,16 +153,22 @@ class LocalProvider(Provider):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(int(handle.data["pgid"]), sig)
 
+    def _running(self, handle: Handle) -> bool:
+        """The wrapper shell or anything else in the attempt's process group still runs (a workload
+        whose shell was killed on its own is still running, and must not be relaunched beside)."""
+        return _alive(int(handle.data["pid"])) or _group_alive(int(handle.data["pgid"]))
+
     def teardown(self, handle: Handle) -> None:
-        pid = int(handle.data["pid"])
-        if not _alive(pid):
+        if not self._running(handle):
             return
-        self._signal(handle, signal.SIGTERM)
+        self.stop(handle)
         deadline = time.time() + 30
-        while time.time() < deadline and _alive(pid):
+        while time.time() < deadline and self._running(handle):
             time.sleep(0.1)
-        if _alive(pid):
+        if self._running(handle):
             self._signal(handle, signal.SIGKILL)
-            time.sleep(0.2)
-        if _alive(pid):
+            deadline = time.time() + 5
+            while time.time() < deadline and self._running(handle):
+                time.sleep(0.05)
+        if self._running(handle):
             raise TeardownError(f"process group {handle.data['pgid']} is still alive after SIGKILL")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import Field, field_validator
 
 from .base import StrictModel
 
+_HUB_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 #: Corpora every Python install has; built on the node, no download.
 BUILTIN_DATASETS = ("python-docs",)
 
@@ -34,8 +37,11 @@ class DataSpec(StrictModel):
                 raise ValueError(f"unknown builtin dataset {name!r}; known: {known}")
         elif v.startswith("hf:"):
             name = v[3:]
-            if not name or not all(part for part in name.split("/")) or name.count("/") > 2:
-                raise ValueError("hf: source must be hf:DATASET or hf:ORG/DATASET[/CONFIG]")
+            # Hub names only: the node passes DATASET to datasets.load_dataset, which would read a
+            # path such as ../.. from its disk instead.
+            if name.count("/") > 2 or not all(_HUB_PART.match(part) for part in name.split("/")):
+                raise ValueError("hf: source must be hf:DATASET or hf:ORG/DATASET[/CONFIG] "
+                                 "(letters, digits, '.', '_', '-'; not starting with '.')")
         return v
 
     @property

@@ -31,6 +31,20 @@ Loc = tuple[str | int, ...]
 class _Loader(yaml.SafeLoader):
     """SafeLoader: no Python object tags. Timestamps stay strings."""
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # A scalar the constructors cannot convert (`!!int abc`, `!!int ` empty, `!!bool x`,
+        # `!!timestamp 2020-13-45`, an int of 5,000 digits) raises ValueError, KeyError, IndexError
+        # or AttributeError from Python, not a YAML error: give it the node's mark.
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, ArithmeticError, LookupError, AttributeError) as exc:
+            tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
+            value = node.value if isinstance(node.value, str) else ""
+            shown = value if len(value) <= 40 else value[:37] + "..."
+            why = f": {exc}" if type(exc) is ValueError else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value ({shown!r} as {tag}){why}", node.start_mark) from None
+
 
 # Keep dates and times as plain strings (a region or name must never become a date).
 _Loader.yaml_implicit_resolvers = {

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 #: Seconds kept in hand before the deadline (OPTJOB_DEADLINE_MARGIN overrides).
 DEFAULT_MARGIN_S = 20.0
+#: A second stop signal this soon after the first is a duplicate delivery, not "stop now".
+DUPLICATE_SIGNAL_S = 1.0
 
 
 class StopRequested(BaseException):
@@ -80,13 +82,21 @@ class StopFlag:
             raise StopRequested(reason, step)
 
     def install(self) -> None:
-        """Handle SIGTERM and SIGINT: the first sets the flag, a second exits at once."""
+        """Handle SIGTERM and SIGINT: the first sets the flag, a second exits at once.
+
+        A second signal within ``DUPLICATE_SIGNAL_S`` of the first is the same request delivered
+        twice (a process-tree kill reaches the workload and the shell that forwards to it, as
+        SkyPilot's cancel does), not a user insisting: it is ignored, so the checkpoint is written."""
+        first = [0.0]
 
         def handler(signum: int, frame: FrameType | None) -> None:
             if self.signalled:
+                if time.monotonic() - first[0] < DUPLICATE_SIGNAL_S:
+                    return
                 print(f"signal {signum} again: stopping now", file=sys.stderr, flush=True)
                 raise StopRequested("signal")
             print(f"signal {signum}: stopping after the current step", file=sys.stderr, flush=True)
+            first[0] = time.monotonic()
             self.signalled = True
 
         signal.signal(signal.SIGTERM, handler)

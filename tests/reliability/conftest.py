@@ -1,0 +1,170 @@
+"""Fixtures for the reliability tests: an isolated OPTJOB_HOME, the CLI as a subprocess
+(real workload or the stand-in), and tiny specs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+DRIVER = HERE / "driver.py"
+STANDIN = HERE.parent / "providers" / "standin.py"
+
+#: A tiny real pipeline: 2 layers, 64 wide, vocab 512, seq 32.
+TINY = """\
+name: {name}
+model:
+  init: {{family: llama, layers: 2, hidden: 64, heads: 2, intermediate: 128, vocab: 512}}
+data: {{source: "builtin:python-docs", seq_len: 32, max_chars: 200000}}
+steps:
+{steps}
+resources: {{cloud: local, hourly_usd: {hourly}}}
+budget: {{max_usd: {max_usd}, max_hours: 1}}
+teardown: {teardown}
+"""
+
+
+def tiny_spec(name: str = "tiny", steps: str = "  - train: {max_steps: 24, checkpoint_every: 6, log_every: 2}\n",
+              hourly: float = 0.5, max_usd: float = 1.0, teardown: str = "always") -> str:
+    return TINY.format(name=name, steps=steps, hourly=hourly, max_usd=max_usd, teardown=teardown)
+
+
+def standin_spec(name: str = "tiny", extra: str = "", resources: str = "{cloud: local}", train: str = "{}") -> str:
+    """A spec for the stand-in workload (its steps are not run: STANDIN_* variables say what it does)."""
+    return f"name: {name}\nmodel: {{init: {{}}}}\nsteps: [{{train: {train}}}]\nresources: {resources}\n{extra}"
+
+
+class Cli:
+    """``optjob`` in a subprocess against one OPTJOB_HOME."""
+
+    def __init__(self, home: Path, env: dict[str, str]) -> None:
+        self.home = home
+        self.env = env
+
+    def popen(self, *args: str, **env: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, str(DRIVER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True, env={**self.env, **env})
+
+    def run(self, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(DRIVER), *args], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, env={**self.env, **env}, timeout=timeout)
+
+    def json(self, *args: str) -> object:
+        proc = self.run(*args, "--json")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return json.loads(proc.stdout)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("OPTJOB_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def make_standin(folder: Path) -> str:
+    exe = folder / "standin-python"
+    exe.write_text(f"#!/bin/sh\nexec {sys.executable} {STANDIN}\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return str(exe)
+
+
+@pytest.fixture
+def cli(home: Path) -> Cli:
+    """The CLI with the real workload."""
+    return Cli(home, {**os.environ, "OPTJOB_HOME": str(home)})
+
+
+@pytest.fixture
+def standin_cli(home: Path, tmp_path: Path) -> Cli:
+    """The CLI whose local provider runs the stand-in workload."""
+    return Cli(home, {**os.environ, "OPTJOB_HOME": str(home), "OPTJOB_TEST_STANDIN": make_standin(tmp_path),
+                      "STANDIN_ROOT": os.pathsep.join(sys.path)})
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` (a bound, not a timing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def log_events(path: Path) -> list[dict[str, object]]:
+    """The JSON events in a workload log (complete lines only)."""
+    from optjob.steps.events import parse_event
+
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    lines = text.splitlines(keepends=True)
+    return [e for line in lines if line.endswith("\n") and (e := parse_event(line)) is not None]
+
+
+def pgid_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_workloads(tmp_path: Path) -> Iterator[None]:
+    """After each test: SIGKILL any workload process group of an attempt recorded in a state.db under
+    its tmp_path that is still alive (only when a test failed half way; passing tests leave none)."""
+    yield
+    for db in tmp_path.rglob("state.db"):
+        con = sqlite3.connect(db)
+        try:
+            rows = con.execute("SELECT handle_json FROM attempts WHERE handle_json IS NOT NULL "
+                               "AND ended_at IS NULL").fetchall()
+        except sqlite3.DatabaseError:
+            rows = []
+        finally:
+            con.close()
+        for (handle,) in rows:
+            pgid = (json.loads(handle).get("data") or {}).get("pgid")
+            if isinstance(pgid, int) and pgid > 1 and _ours(pgid, tmp_path):
+                os.killpg(pgid, signal.SIGKILL)
+
+
+def _ours(pgid: int, tmp_path: Path) -> bool:
+    """The process group is alive and runs a workload (or stand-in) this test started."""
+    if not pgid_alive(pgid):
+        return False
+    out = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True, check=False).stdout
+    for pid in out.split():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(tmp_path) in cmdline or str(STANDIN) in cmdline:
+            return True
+    return False
+
+
+@pytest.fixture
+def reap() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test started: killed (by pid) if the test leaves them running."""
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(10)
