@@ -214,6 +214,7 @@ class Controller:
                             and recoveries < MAX_RECOVERIES:
                         recoveries += 1
                         self.store.update_job(job.name, status=JobStatus.RECOVERING)
+                        time.sleep(min(60.0, self.tick_s * 2**recoveries))  # back off a provider that flaps
                         self.reporter.status(
                             f"attempt {attempt.number} {obs.poll.state.value}; resuming from checkpoint")
                         attempt = self._launch(job, plan, budget)

@@ -39,7 +39,9 @@ class LiveReporter:
             self._task(index, step_kind)
         elif kind == "progress":
             task = self._task(index, step_kind, e.get("max_steps"))
-            info = f"loss {e.get('loss', float('nan')):.3f}  {e.get('tokens_per_s', 0):,.0f} tok/s"
+            loss, tps = e.get("loss"), e.get("tokens_per_s")
+            info = (f"loss {loss:.3f}" if isinstance(loss, (int, float)) else "loss -") + (
+                f"  {tps:,.0f} tok/s" if isinstance(tps, (int, float)) else "")
             self.progress.update(task, completed=e.get("step", 0), total=e.get("max_steps") or 1, info=info)
             if not self.console.is_terminal:
                 self.console.print(f"  {index}:{step_kind} step {e.get('step')}/{e.get('max_steps')} {info}")

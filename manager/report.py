@@ -252,7 +252,7 @@ def cells(r: Rec) -> list[str]:
 HEADERS = ["Step", "Params", "Size", "Perplexity", "Accuracy", "Fwd latency", "Gen latency",
            "Train tok/s", "Wall", "Cost¹"]
 TRIAL_HEADERS = ["Trial", "Params", "Value", "State"]
-ATTEMPT_HEADERS = ["Attempt", "Status", "Duration", "$/h", "Nodes", "Spot", "$"]
+ATTEMPT_HEADERS = ["Attempt", "Status", "Duration", "$/h", "Nodes", "Spot", "$", "Ended because"]
 
 
 def trial_cells(t: Rec) -> list[str]:
@@ -264,7 +264,7 @@ def trial_cells(t: Rec) -> list[str]:
 def attempt_cells(a: Rec) -> list[str]:
     status = a["status"] + (f" (exit {a['exit_code']})" if a["exit_code"] not in (None, 0) else "")
     return [str(a["number"]), status, fmt_s(a["duration_s"]), f"{a['hourly_usd']:.2f}",
-            str(a["nodes"]), "yes" if a["spot"] else "no", f"{a['usd']:.4f}"]
+            str(a["nodes"]), "yes" if a["spot"] else "no", f"{a['usd']:.4f}", a.get("detail") or a["status"]]
 
 
 def headline(data: Rec) -> str:
