@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from optjob.manager import paths
 from optjob.manager.apply import Controller
 from optjob.manager.plan import make_plan

@@ -233,7 +233,8 @@ def test_attempts_table_says_why_each_attempt_ended(tmp_path, monkeypatch):
     from optjob.manager.report import ATTEMPT_HEADERS, attempt_cells
 
     row = {"number": 1, "status": "preempted", "exit_code": 137, "duration_s": 3.0, "hourly_usd": 0.1, "nodes": 1,
-           "spot": True, "usd": 0.001, "detail": "rehearsal kill at step 36 of 0:train; last checkpoint 30; lost 6 steps"}
+           "spot": True, "usd": 0.001,
+           "detail": "rehearsal kill at step 36 of 0:train; last checkpoint 30; lost 6 steps"}
     cells = attempt_cells(row)
     assert len(cells) == len(ATTEMPT_HEADERS) and ATTEMPT_HEADERS[-1] == "Ended because"
     assert cells[-1].endswith("lost 6 steps") and cells[1] == "preempted (exit 137)"
