@@ -30,7 +30,23 @@ _EXPORTS = {
     "TrainStep": "steps",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "STEP_TYPES",
+    "DistillStep",
+    "EvaluateStep",
+    "HpoStep",
+    "JobSpec",
+    "OptjobError",
+    "PruneStep",
+    "QuantizeStep",
+    "SpecError",
+    "StepBase",
+    "TrainOptions",
+    "TrainStep",
+    "load_spec",
+    "loads_spec",
+]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .errors import OptjobError, SpecError
