@@ -1,0 +1,285 @@
+"""Reliability figures: fuzzed specs, rehearsed preemptions, concurrent applies, leaked secrets.
+
+``python -m benchmarks.reliability [--quick]`` prints the figures as JSON; ``python -m benchmarks
+--only reliability`` runs the same as a comparison of the suite. The tests in tests/reliability/
+assert the same properties on smaller samples; this measures them at size:
+
+- fuzz: documents from the four hostile families of tests/reliability/spec_fuzz.py (token soup,
+  random trees, text and tree mutations of examples/*.yaml) through ``loads_spec``; a crash is any
+  outcome other than a valid JobSpec or one SpecError naming the document (within 10 s).
+- rehearsal: ``optjob apply --local --simulate-preemption 2`` of a tiny real pipeline, per seed,
+  against one uninterrupted run: kills survived, final metrics and trained weights identical, and
+  the work each kill lost (last step logged by the killed attempt less the step the next resumed
+  from) against ``checkpoint_every``.
+- concurrent applies: two ``optjob apply`` of one name started together (stand-in workload);
+  a duplicate is a run with more than one attempt.
+- secrets: a real ``apply --local`` and every read command with credentials set to sentinels in
+  the environment and in ~/.aws, ~/.sky and the Hugging Face token file; a leak is a sentinel in
+  any file under OPTJOB_HOME (state.db bytes included) or any output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .common import CACHE, PYTHON, REPO, Ctx, base_env
+
+NAME = "reliability"
+TITLE = "Reliability"
+MEASURES = ("Fuzzed spec documents through the loader; `apply --simulate-preemption 2` of a tiny real pipeline "
+            "against a straight run; pairs of concurrent `apply` of one name; a real apply plus every read command "
+            "with credentials set to sentinels (see benchmarks/reliability.py).")
+GOAL = "0 loader crashes, identical metrics after kills, lost work <= checkpoint_every, 0 duplicates, 0 leaks"
+
+TESTS = REPO / "tests" / "reliability"
+DRIVER = TESTS / "driver.py"
+STANDIN = REPO / "tests" / "providers" / "standin.py"
+EVERY = 10
+TINY = """\
+name: {name}
+model:
+  init: {{family: llama, layers: 2, hidden: 64, heads: 2, intermediate: 128, vocab: 512}}
+data: {{source: "builtin:python-docs", seq_len: 32, max_chars: 200000}}
+steps:
+  - train: {{max_steps: 120, lr: 3.0e-3, batch_size: 8, checkpoint_every: {every}, log_every: 2, seed: 1}}
+resources: {{cloud: local, hourly_usd: 0.5}}
+budget: {{max_usd: 1.0, max_hours: 1}}
+"""
+SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+               "WANDB_API_KEY", "AZURE_CLIENT_SECRET", "GITHUB_TOKEN", "OPENAI_API_KEY", "SKYPILOT_API_SERVER_TOKEN")
+
+
+def cli(home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 600
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, str(DRIVER), *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=timeout, env={**(env or base_env()), "OPTJOB_HOME": str(home)})
+
+
+# ---- fuzz ----------------------------------------------------------------------------------------
+
+
+def fuzz(documents: int) -> dict[str, Any]:
+    sys.path.insert(0, str(TESTS))
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hseed
+    from spec_fuzz import STRATEGIES, check
+
+    outcomes: Counter[str] = Counter()
+    crashes: list[str] = []
+    per_family = documents // len(STRATEGIES)
+    slowest = 0.0
+
+    def fuzz_family(family: str) -> None:
+        @hseed(0)
+        @settings(max_examples=per_family, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(STRATEGIES[family])
+        def one(text: str) -> None:
+            nonlocal slowest
+            t = time.perf_counter()
+            try:
+                outcomes[f"{family}:{check(text)}"] += 1
+            except Exception as exc:  # a crash: recorded, and the fuzzing goes on
+                outcomes[f"{family}:crash"] += 1
+                crashes.append(f"{family}: {type(exc).__name__}: {str(exc)[:200]} <- {text[:200]!r}")
+            slowest = max(slowest, time.perf_counter() - t)
+
+        one()
+
+    for family in sorted(STRATEGIES):
+        fuzz_family(family)
+    tried = sum(outcomes.values())
+    return {"documents": tried, "crashes": len(crashes), "valid": sum(v for k, v in outcomes.items()
+                                                                        if k.endswith(":valid")),
+            "by_family": dict(sorted(outcomes.items())), "slowest_document_s": round(slowest, 3),
+            "crash_examples": crashes[:5]}
+
+
+# ---- rehearsal -----------------------------------------------------------------------------------
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    from optjob.steps.events import parse_event
+
+    return [e for e in map(parse_event, path.read_text(errors="replace").splitlines()) if e is not None]
+
+
+def rehearsal(seeds: list[int], tmp: Path) -> dict[str, Any]:
+    home = tmp / "rehearsal-home"
+    env = base_env(OPTJOB_CACHE=str(CACHE))
+    straight_spec = tmp / "straight.yaml"
+    straight_spec.write_text(TINY.format(name="straight", every=EVERY))
+    proc = cli(home, "apply", str(straight_spec), "--local", "--yes", "--json", env=env)
+    if proc.returncode:
+        raise RuntimeError(f"straight run exited {proc.returncode}: {proc.stderr[-2000:]}")
+    straight = json.loads((home / "jobs" / "straight" / "results.json").read_text())
+    weights = "steps/00-train/model/model.safetensors"
+    straight_weights = (home / "jobs" / "straight" / weights).read_bytes()
+    runs = []
+    for s in seeds:
+        name = f"rehearsed-{s}"
+        spec = tmp / f"{name}.yaml"
+        spec.write_text(TINY.format(name=name, every=EVERY))
+        proc = cli(home, "apply", str(spec), "--local", "--yes", "--simulate-preemption", "2",
+                   "--preemption-seed", str(s), env=env)
+        job = home / "jobs" / name
+        logs = sorted((job / "logs").glob("attempt-*.log"), key=lambda p: int(p.stem.split("-")[1]))
+        codes = [int(p.with_suffix(".exit").read_text().strip()) for p in logs if p.with_suffix(".exit").exists()]
+        lost = []
+        for k in range(len(logs) - 1):
+            logged = [e["step"] for e in _events(logs[k]) if e["event"] == "progress"]
+            m = re.search(r"resuming from \S+ \(step (\d+)\)", logs[k + 1].read_text())
+            lost.append(max(logged, default=0) - (int(m.group(1)) if m else 0))
+        seen = re.search(r"work lost per kill \(steps\): \[([\d, ]*)\]", proc.stdout)
+        results = json.loads((job / "results.json").read_text()) if (job / "results.json").exists() else {}
+        same = bool(results) and all(results["final"][k] == straight["final"][k]
+                                     for k in ("eval_loss", "perplexity", "accuracy"))
+        same_weights = (job / weights).exists() and (job / weights).read_bytes() == straight_weights
+        runs.append({"seed": s, "exit_code": proc.returncode, "attempt_exit_codes": codes,
+                     "kills": codes.count(137), "metrics_identical": same, "weights_identical": same_weights,
+                     "lost_steps_per_kill": lost,
+                     "lost_steps_seen_by_manager": [int(x) for x in seen.group(1).split(",")] if seen else None})
+    kills = sum(r["kills"] for r in runs)
+    ok = [r for r in runs if r["exit_code"] == 0 and r["metrics_identical"] and r["weights_identical"]]
+    return {"rehearsals": len(runs), "kills": kills, "kills_survived_identical": sum(r["kills"] for r in ok),
+            "checkpoint_every": EVERY,
+            "max_lost_steps_per_kill": max((n for r in runs for n in r["lost_steps_per_kill"]), default=0),
+            "max_lost_steps_seen_by_manager": max((n for r in runs for n in r["lost_steps_seen_by_manager"] or []),
+                                                  default=0),
+            "runs": runs}
+
+
+# ---- concurrent applies --------------------------------------------------------------------------
+
+
+def concurrent_applies(trials: int, tmp: Path) -> dict[str, Any]:
+    exe = tmp / "standin-python"
+    exe.write_text(f"#!/bin/sh\nexec {PYTHON} {STANDIN}\n")
+    exe.chmod(0o755)
+    spec = tmp / "standin.yaml"
+    spec.write_text("name: tiny\nmodel: {init: {}}\nsteps: [{train: {}}]\nresources: {cloud: local}\n")
+    env = base_env(OPTJOB_TEST_STANDIN=str(exe), STANDIN_ROOT=os.pathsep.join(sys.path), STANDIN_STEPS="30")
+    duplicates = failures = attached = 0
+    failure_tails: list[str] = []
+    for i in range(trials):
+        home = tmp / f"concurrent-{i}"
+        procs = [subprocess.Popen([PYTHON, str(DRIVER), "apply", str(spec), "--local", "--yes"], text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                  env={**env, "OPTJOB_HOME": str(home)}) for _ in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        for p, (_, err) in zip(procs, outs, strict=True):
+            if p.returncode:
+                failures += 1
+                failure_tails.append(f"trial {i}: exit {p.returncode}: {err.strip()[-300:]}")
+        attached += sum("already running (pid" in o for o, _ in outs)
+        con = sqlite3.connect(home / "state.db")
+        try:
+            n = con.execute("SELECT COUNT(*) FROM attempts WHERE job_name = 'tiny'").fetchone()[0]
+        finally:
+            con.close()
+        duplicates += n > 1
+    return {"trials": trials, "duplicate_jobs": duplicates, "second_apply_attached": attached,
+            "failed_applies": failures, "failures": failure_tails[:5]}
+
+
+# ---- secrets -------------------------------------------------------------------------------------
+
+
+def secrets(tmp: Path) -> dict[str, Any]:
+    def sentinel(name: str) -> str:
+        return f"sentinel-{name.lower().replace('_', '-')}-7f3a9c1e"
+
+    user = tmp / "user"
+    (user / ".aws").mkdir(parents=True)
+    (user / ".aws" / "credentials").write_text(f"[default]\naws_secret_access_key = {sentinel('file_key')}\n")
+    (user / ".sky").mkdir()
+    (user / ".sky" / "config.yaml").write_text(f"api_server:\n  token: {sentinel('sky_file')}\n")
+    (user / ".cache" / "huggingface").mkdir(parents=True)
+    (user / ".cache" / "huggingface" / "token").write_text(sentinel("hf_file"))
+    values = [sentinel(v) for v in SECRET_VARS] + [sentinel(x) for x in ("file_key", "sky_file", "hf_file")]
+    env = base_env(OPTJOB_CACHE=str(CACHE), HOME=str(user), AWS_SHARED_CREDENTIALS_FILE=str(user / ".aws/credentials"),
+                   **{v: sentinel(v) for v in SECRET_VARS})
+    home = tmp / "secrets-home"
+    spec = tmp / "secrets.yaml"
+    spec.write_text(TINY.format(name="secrets", every=EVERY).replace("max_steps: 120", "max_steps: 12"))
+    output = ""
+    for args in (("apply", str(spec), "--local", "--yes"), ("apply", str(spec), "--local", "--yes", "--json"),
+                 ("status", "secrets", "--json"), ("list", "--json"), ("report", "secrets", "--json"),
+                 ("report", "secrets"), ("cost", "secrets", "--json"), ("logs", "secrets"),
+                 ("plan", str(spec), "--local", "--json"), ("down", "secrets")):
+        proc = cli(home, *args, env=env)
+        output += proc.stdout + proc.stderr
+    leaks: list[str] = [f"output: {v}" for v in values if v in output]
+    files = 0
+    for f in home.rglob("*"):
+        if f.is_file():
+            files += 1
+            blob = f.read_bytes()
+            leaks += [f"{f.relative_to(home)}: {v}" for v in values if v.encode() in blob]
+    return {"sentinels": len(values), "files_scanned": files, "commands": 10, "leaks": len(leaks),
+            "leak_examples": leaks[:5]}
+
+
+# ---- the comparison ------------------------------------------------------------------------------
+
+
+def measure(quick: bool, tmp: Path) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    t = time.perf_counter()
+    figures["fuzz"] = fuzz(400 if quick else 5000)
+    figures["fuzz"]["seconds"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    figures["concurrent_applies"] = concurrent_applies(3 if quick else 20, tmp)
+    figures["concurrent_applies"]["seconds"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    figures["rehearsal"] = rehearsal([0] if quick else [0, 1, 2], tmp)
+    figures["rehearsal"]["seconds"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    figures["secrets"] = secrets(tmp)
+    figures["secrets"]["seconds"] = round(time.perf_counter() - t, 1)
+    return figures
+
+
+def run(ctx: Ctx) -> dict[str, Any]:
+    f = measure(ctx.quick, ctx.mkdtemp("reliability-"))
+    fz, rh, ca, sc = f["fuzz"], f["rehearsal"], f["concurrent_applies"], f["secrets"]
+    met = (fz["crashes"] == 0 and rh["kills_survived_identical"] == rh["kills"] > 0
+           and rh["max_lost_steps_per_kill"] <= rh["checkpoint_every"] and ca["duplicate_jobs"] == 0
+           and sc["leaks"] == 0)
+    summary = (f"fuzz: {fz['documents']:,} malformed documents, {fz['crashes']} crashes; rehearsal: "
+               f"{rh['kills_survived_identical']} of {rh['kills']} kills survived with identical metrics and weights, "
+               f"at most {rh['max_lost_steps_per_kill']} steps lost per kill "
+               f"(checkpoint_every {rh['checkpoint_every']})"
+               f"; concurrent apply: {ca['duplicate_jobs']} duplicate jobs in {ca['trials']} trials; secrets: "
+               f"{sc['leaks']} leaks of {sc['sentinels']} sentinels over {sc['files_scanned']} files")
+    notes = [f"reliability: {c}" for c in fz["crash_examples"] + sc["leak_examples"]]
+    return {"summary": summary, "met": met, "metrics": f, "notes": notes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="400 documents, 3 trials, one rehearsal")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="optjob-reliability-") as tmp:
+        try:
+            out = run(Ctx(quick=args.quick, tmp=Path(tmp)))
+        except Exception:
+            traceback.print_exc()
+            return 1
+    print(json.dumps({"summary": out["summary"], "met": out["met"], **out["metrics"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
