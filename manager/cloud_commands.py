@@ -83,8 +83,7 @@ def orphan_warning(store: Store, *, client: SkyClient | None = None,
                    timeout_s: float = ORPHAN_CHECK_S) -> str | None:
     """What ``optjob list`` prints about orphans, or None — also whenever the check cannot be
     made quickly (no SkyPilot job, no cloud extra, API server down or slow)."""
-    jobs = store.jobs()
-    if not any(j.provider == "skypilot" for j in jobs):
+    if store.db.execute("SELECT 1 FROM jobs WHERE provider = 'skypilot' LIMIT 1").fetchone() is None:
         return None
     if client is None and (importlib.util.find_spec("sky") is None or local_api_server_down()):
         return None

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .plan import Plan
+if TYPE_CHECKING:
+    from .plan import Plan
 
 
 def _console() -> Any:

@@ -16,9 +16,10 @@ import abc
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from optjob.specs import JobSpec
+if TYPE_CHECKING:
+    from optjob.specs import JobSpec
 
 
 class AttemptState(str, Enum):

@@ -32,9 +32,13 @@ if TYPE_CHECKING:
     from optjob.specs.model import ModelInit, ModelSpec
 
 DEFAULT_EFFICIENCY = 0.35
-PROVISION_S = {"local": 0.0, "ondemand": 180.0, "spot": 300.0}
+#: Local "provisioning" is the workload's start-up (interpreter, torch, corpus and tokenizer from
+#: cache): about 6 s measured here (benchmarks/estimate.py).
+PROVISION_S = {"local": 6.0, "ondemand": 180.0, "spot": 300.0}
 SETUP_S = 120.0
 STEP_FIXED_S = 5.0
+#: Per-step fixed cost on this machine (save the model, write done.json): about 0.5 s measured.
+LOCAL_STEP_FIXED_S = 0.5
 DOWNLOAD_BYTES_PER_S = 200e6
 BYTES_PER_PARAM = 2  # hub checkpoints are mostly bf16/fp16 safetensors
 
@@ -128,7 +132,8 @@ def estimate(spec: JobSpec, offer: Offer, *, efficiency: float = DEFAULT_EFFICIE
 
 def _step(w: StepWork, offer: Offer, nodes: int, efficiency: float) -> StepEstimate:
     peak = node_peak_flops(offer.accelerator_name, offer.accelerator_count, w.precision) * nodes
-    seconds = w.flops / (peak * efficiency) + STEP_FIXED_S
+    fixed = LOCAL_STEP_FIXED_S if offer.cloud == "local" else STEP_FIXED_S
+    seconds = w.flops / (peak * efficiency) + fixed
     return StepEstimate(w.index, w.kind, w.tokens, w.flops, seconds)
 
 

@@ -100,8 +100,9 @@ def test_every_step_kind_and_the_shrinking_model() -> None:
     [local] = find_offers(spec.resources)
     est = estimate(spec, local, efficiency=0.25)
     for step, (_, _, f) in zip(est.steps, want, strict=True):
-        assert step.seconds == pytest.approx(f / (0.5e12 * 0.25) + 5)  # CPU: 0.5 TFLOP/s per node
-    total = sum(s.seconds for s in est.steps)  # local: no provisioning or setup
+        assert step.seconds == pytest.approx(f / (0.5e12 * 0.25) + 0.5)  # CPU: 0.5 TFLOP/s; 0.5 s fixed locally
+    total = sum(s.seconds for s in est.steps) + 6.0  # local: the workload's start-up, no provisioning
+    assert est.overhead_seconds == 6.0
     assert est.total_usd == pytest.approx(total / 3600 * 0.1)
 
 
