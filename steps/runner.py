@@ -14,9 +14,11 @@ Exit codes: 0 done, 1 failed (after an ``error`` event), 2 bad job file,
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -128,6 +130,16 @@ def _shrink_student(s: dict[str, Any], teacher: ModelInit | None) -> None:
         s["hidden"] = 32
 
 
+def fingerprints(spec: JobSpec, dry_run: bool) -> list[str]:
+    """One hash per step of everything its output depends on: model, data and the steps up to it."""
+    d = spec.model_dump(mode="json")
+    base = {"model": d["model"], "data": d["data"], "dry_run": dry_run}
+    return [
+        hashlib.sha256(json.dumps({**base, "steps": d["steps"][: i + 1]}, sort_keys=True).encode()).hexdigest()[:16]
+        for i in range(len(d["steps"]))
+    ]
+
+
 def cache_dir(job: layout.JobFile) -> Path:
     if job.cache_dir:
         return Path(job.cache_dir).expanduser()
@@ -179,6 +191,10 @@ class Job:
             flush=True,
         )
 
+        self.fingerprints = fingerprints(spec, self.job.dry_run)
+        if dist.is_main():
+            self._forget_changed()
+        dist.barrier()
         results = self._read_results()
         steps = spec.pipeline
         dones = dist.broadcast_object(self._done_prefix())  # rank 0's view
@@ -217,6 +233,7 @@ class Job:
                 "wall_s": round(time.perf_counter() - t, 3),
                 "extra": outcome.extra,
                 "attempt": self.attempt,
+                "fingerprint": self.fingerprints[i],
             }
             if dist.is_main():
                 layout.write_json_atomic(ctx.step_dir() / "done.json", finite(record))
@@ -284,6 +301,33 @@ class Job:
             from .hpo import apply_overrides
 
             self.spec = apply_overrides(self.spec, index, extra["overrides"])
+
+    def _forget_changed(self) -> None:
+        """A step's folder belongs to one version of the spec up to that step. When a re-apply
+        changed it (other options, another model or data), that step and every later one start
+        over instead of reusing stale checkpoints or outputs. Only a positive mismatch counts:
+        folders pulled from storage by an older optjob carry no fingerprint and are kept."""
+        for i, step in enumerate(self.spec.pipeline):
+            folder = layout.step_dir(self.job_dir, i, step.kind)
+            try:
+                done = json.loads((folder / "done.json").read_text())
+                recorded = done.get("fingerprint")
+            except (OSError, ValueError):
+                mark = folder / "fingerprint"
+                recorded = mark.read_text().strip() if mark.exists() else None
+            if recorded is not None and recorded != self.fingerprints[i]:
+                print(f"spec changed at steps[{i}] ({step.kind}): starting it and the steps after it over",
+                      file=sys.stderr, flush=True)
+                for later in sorted((self.job_dir / "steps").glob("[0-9]*-*")):
+                    if int(later.name.split("-", 1)[0]) >= i:
+                        shutil.rmtree(later, ignore_errors=True)
+                if i == 0:
+                    self.results_path.unlink(missing_ok=True)
+                break
+        for i, step in enumerate(self.spec.pipeline):
+            folder = layout.step_dir(self.job_dir, i, step.kind)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "fingerprint").write_text(self.fingerprints[i] + "\n")
 
     def _initial_model(self) -> nn.Module:
         return initial_model(self.spec, self.tokenizer, self.device)

@@ -108,3 +108,25 @@ def test_hpo_best_params_reach_the_next_step(tmp_path: Path):
     assert len(trials) == 2
     train_progress = [e for _, e in store.events("hpo", kinds=("progress",)) if e.get("index") == 1]
     assert train_progress and max(e["step"] for e in train_progress) == 7  # the searched max_steps
+
+
+@pytest.mark.slow
+def test_reapply_reuses_unchanged_steps_and_reruns_changed_ones(tmp_path: Path):
+    spec = tmp_path / "re.yaml"
+    home = tmp_path / "home"
+    spec.write_text(TINY.format(name="re", steps=TRAIN + EVAL))
+    assert cli("apply", str(spec), "--local", "--yes", home=home).returncode == 0
+    assert cli("apply", str(spec), "--local", "--yes", home=home).returncode == 0
+    store = Store(home / "state.db")
+
+    def train_done(attempt: int) -> dict:
+        return next(e for _, e in store.events("re", kinds=("step_done",))
+                    if e["attempt"] == attempt and e["index"] == 0)
+
+    assert train_done(2).get("skipped") is True  # same spec: the finished step is reused
+    spec.write_text(TINY.format(name="re", steps=TRAIN.replace("lr: 3.0e-3", "lr: 1.0e-3") + EVAL))
+    proc = cli("apply", str(spec), "--local", "--yes", home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert not train_done(3).get("skipped")  # the train options changed: it ran again
+    logs = cli("logs", "re", home=home).stdout
+    assert "spec changed at steps[0] (train)" in logs
