@@ -225,12 +225,20 @@ class Job:
             model = outcome.model
             if not isinstance(step, EvaluateStep) and dist.is_main():
                 model_dir = save_model(model, ctx.step_dir() / "model", self.tokenizer)
+            wall_s = round(time.perf_counter() - t, 3)
+            metrics = dict(outcome.metrics)
+            measure = self.job.extra.get("evaluate_each_step", True)
+            if measure and step.kind not in ("evaluate", "hpo") and dist.is_main():
+                # Every step's output model is measured the same way, so the report compares them
+                # side by side; the step's own figures (sparsity, sizes before/after) take precedence.
+                self.stop.check()
+                metrics = {**evaluate_model(ctx, model, self.auto_eval, model_dir), **metrics}
             record = {
                 "index": i,
                 "kind": step.kind,
                 "output": str(model_dir) if model_dir else None,
-                "metrics": outcome.metrics,
-                "wall_s": round(time.perf_counter() - t, 3),
+                "metrics": metrics,
+                "wall_s": wall_s,
                 "extra": outcome.extra,
                 "attempt": self.attempt,
                 "fingerprint": self.fingerprints[i],
