@@ -49,6 +49,8 @@ class Offer:
         return self.cloud not in _FLAT_CLOUDS
 
     def describe(self) -> str:
+        if self.cloud == "local":
+            return f"this machine at ${self.hourly_usd:.4f}/h"
         where = self.zone or self.region
         acc = f" {self.accelerators}" if self.accelerators else ""
         kind = "spot" if self.spot else "on-demand"

@@ -77,3 +77,28 @@ def test_apply_without_tty_needs_yes(tmp_path: Path):
 def test_list_empty(tmp_path: Path):
     assert "no jobs yet" in run("list", home=tmp_path, check_rc=0).stdout
     assert json.loads(run("list", "--json", home=tmp_path, check_rc=0).stdout) == []
+
+
+CATALOG = ROOT.parent / "shared" / "skypilot-catalog" / "v8"
+
+
+def test_plan_over_budget_exits_3_and_says_by_how_much(tmp_path: Path):
+    spec = tmp_path / "tight.yaml"
+    spec.write_text((ROOT / "examples" / "cloud-a100-spot.yaml").read_text().replace("max_usd: 25", "max_usd: 0.01"))
+    env = {"OPTJOB_CATALOG_DIR": str(CATALOG)}
+    proc = run("plan", str(spec), home=tmp_path, env=env)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "over budget.max_usd $0.01" in proc.stderr and "Traceback" not in proc.stderr
+    plan = json.loads(run("plan", str(spec), "--json", home=tmp_path, env=env).stdout)
+    assert plan["budget"]["fits"] is False and plan["budget"]["over_by_usd"] > 0
+    assert plan["chosen"]["est_usd"] == pytest.approx(0.01 + plan["budget"]["over_by_usd"], rel=1e-3)
+    # apply refuses the same plan before launching anything.
+    proc = run("apply", str(spec), "--yes", home=tmp_path, env=env)
+    assert proc.returncode == 3 and not (tmp_path / "jobs").exists()
+
+
+def test_plan_that_cannot_finish_in_time_exits_3(tmp_path: Path):
+    spec = tmp_path / "slow.yaml"
+    spec.write_text((ROOT / "examples" / "quickstart.yaml").read_text().replace("max_hours: 1", "max_hours: 30s"))
+    proc = run("plan", str(spec), home=tmp_path)
+    assert proc.returncode == 3 and "no offer finishes within" in proc.stderr
