@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from optjob.specs.errors import ProviderError
+from optjob.steps import layout
 
 T = TypeVar("T")
 MANIFEST = ".optjob-manifest.json"
@@ -37,12 +38,7 @@ class StorageError(ProviderError):
     """Artifact storage failed, or a folder in it is incomplete or corrupt."""
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = layout.sha256_file
 
 
 def join(*parts: str) -> str:

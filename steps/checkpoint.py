@@ -7,7 +7,6 @@ so a truncated or corrupted newest one falls back to the one before."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 from optjob.specs.errors import StepError
+
+from . import layout
 
 MANIFEST = "manifest.json"
 KEEP = 2
@@ -156,9 +157,4 @@ def load_checkpoint(
     return parts, meta
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = layout.sha256_file

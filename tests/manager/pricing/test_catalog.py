@@ -22,17 +22,6 @@ from optjob.specs.resources import ResourcesSpec
 REPO = Path(__file__).resolve().parents[3]
 
 
-def _shared_catalog() -> Path:
-    for base in (REPO.parent / "shared", REPO / "shared"):
-        path = (base / "skypilot-catalog" / "v8").resolve()
-        if path.is_dir():
-            return path
-    pytest.fail("shared/skypilot-catalog/v8 is not beside the repository (CI and sessions have it)")
-
-
-@pytest.fixture(scope="module")
-def v8() -> Path:
-    return _shared_catalog()
 
 
 def _raw(v8: Path, cloud: str) -> list[dict[str, str]]:
