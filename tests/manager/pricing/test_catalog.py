@@ -19,10 +19,6 @@ from optjob.manager.pricing.snapshot import (
 )
 from optjob.specs.resources import ResourcesSpec
 
-REPO = Path(__file__).resolve().parents[3]
-
-
-
 
 def _raw(v8: Path, cloud: str) -> list[dict[str, str]]:
     with open(v8 / cloud / "vms.csv", newline="") as fh:

@@ -15,10 +15,6 @@ from optjob.manager.pricing.catalog import Catalog, CatalogRow, load_catalog
 from optjob.manager.pricing.offers import Offer, find_offers
 from optjob.specs.resources import ResourcesSpec
 
-REPO = Path(__file__).resolve().parents[3]
-
-
-
 
 @pytest.fixture(scope="module")
 def cat(v8: Path) -> Catalog:
