@@ -24,15 +24,6 @@ TEACHER = {"layers": 4, "hidden": 64, "heads": 4, "intermediate": 128, "vocab": 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: a second intra-op thread makes tiny models ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def corpus() -> Corpus:
     """A learnable stream: each token has two possible successors among 64."""

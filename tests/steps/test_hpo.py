@@ -27,15 +27,6 @@ CPU = torch.device("cpu")
 LR = {"log_uniform": [1e-4, 1e-2]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: a second intra-op thread makes tiny models ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def corpus() -> Corpus:
     g = torch.Generator().manual_seed(0)
