@@ -28,6 +28,34 @@ def calibration_records() -> list[Any]:
         store.close()
 
 
+#: Regions whose live AWS spot prices are fetched (the cheapest by catalog), each in its own thread.
+LIVE_REGIONS = 4
+
+
+def live_spot(offers: list[Any], notes: list[str]) -> list[Any]:
+    """AWS spot offers re-priced from EC2's spot price history when AWS credentials are present
+    (``OPTJOB_LIVE_PRICES=0`` turns it off); otherwise the catalog's prices stand and a note says so."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .pricing import spot_live
+
+    aws_spot = sorted((o for o in offers if o.cloud == "aws" and o.spot), key=lambda o: o.hourly_usd)
+    if not aws_spot or os.environ.get("OPTJOB_LIVE_PRICES", "1") == "0":
+        return offers
+    if not spot_live.credentials_available():
+        notes.append("no AWS credentials: AWS spot prices are the catalog's, not live")
+        return offers
+    regions = list(dict.fromkeys(o.region for o in aws_spot))[:LIVE_REGIONS]
+    types = sorted({o.instance_type for o in aws_spot})
+    with ThreadPoolExecutor(max_workers=len(regions)) as pool:
+        parts = list(pool.map(lambda r: spot_live.live_spot_prices(types, [r], notes=notes, timeout_s=3.0), regions))
+    prices = {k: v for part in parts for k, v in part.items()}
+    if prices:
+        notes.append(f"live EC2 spot prices for {len({(k[0], k[2]) for k in prices})} region/instance pair(s)")
+    return spot_live.overlay(offers, prices)
+
+
 def price_plan(spec: JobSpec, plan: Plan) -> Plan:
     from .money import current_catalog
     from .pricing import find_offers, plan_offers
@@ -39,6 +67,9 @@ def price_plan(spec: JobSpec, plan: Plan) -> Plan:
         spec = spec.model_copy(update={"resources": resources})
     catalog = None if plan.local else current_catalog()
     offers = find_offers(resources, catalog)
+    live_notes: list[str] = []
+    if not plan.local:
+        offers = live_spot(offers, live_notes)
     estimates, choice = plan_offers(spec, offers, calibration=calibration_records())
     rows = sorted(
         (OfferPlan(cloud=e.offer.cloud, region=e.offer.region or None, instance_type=e.offer.instance_type or None,
@@ -61,7 +92,8 @@ def price_plan(spec: JobSpec, plan: Plan) -> Plan:
         steps = tuple(replace(s, est_seconds=by_index[s.index].seconds if s.index in by_index else None,
                               tokens=by_index[s.index].tokens if s.index in by_index else s.tokens)
                       for s in plan.steps)
-    notes = tuple(dict.fromkeys([*(est.notes if est else []), *([] if choice.fits else [choice.reason])]))
+    notes = tuple(dict.fromkeys([*live_notes, *(est.notes if est else []),
+                                 *([] if choice.fits else [choice.reason])]))
     budget = {**plan.budget, "fits": choice.fits, "over_by_usd": round(choice.over_by_usd, 6),
               "reason": choice.reason}
     return replace(plan, offers=tuple(rows), chosen=chosen, steps=steps, budget=budget, notes=notes,
