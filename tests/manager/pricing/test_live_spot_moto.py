@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from moto import server as moto_server
-
 from optjob.manager.pricing import spot_live
 
 ROOT = Path(__file__).resolve().parents[3]
