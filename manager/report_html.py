@@ -58,15 +58,17 @@ def plot_loss_curves(curves: dict[str, list[list[float]]], path: Path) -> Path |
 def plot_tradeoff(rows: list[Rec], path: Path) -> Path | None:
     """Size on disk vs perplexity and forward latency vs perplexity, a labelled point per model."""
     panels = [("size_bytes", 1e6, "model size (MB)"), ("latency_ms", 1.0, "forward latency (ms)")]
-    series = [[(r[key] / scale, r["perplexity"], r["label"]) for r in rows
+    # An evaluate step measures the model before it again: one point per model, not per step.
+    models = [r for r in rows if r.get("kind") != "evaluate"] or rows
+    series = [[(r[key] / scale, r["perplexity"], r["label"]) for r in models
                if r.get(key) is not None and r.get("perplexity") is not None]
               for key, scale, _ in panels]
     if not any(series):
         return None
     fig, axes = _figure(10.5, 4.4, ncols=2)
     for ax, (_, _, xlabel), points in zip(axes, panels, series, strict=True):
-        ax.set(xlabel=xlabel, ylabel="perplexity")
-        ax.grid(alpha=0.3)
+        ax.set(xlabel=xlabel, ylabel="perplexity (log scale)", yscale="log")  # the untrained baseline is far above
+        ax.grid(alpha=0.3, which="both")
         if not points:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
             continue
@@ -77,8 +79,8 @@ def plot_tradeoff(rows: list[Rec], path: Path) -> Path | None:
         at: dict[tuple[float, float], list[str]] = {}  # an evaluate step repeats its input model
         for x, y, label in points:
             at.setdefault((x, y), []).append(label)
-        for (x, y), names in at.items():
-            ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(5, 5),
+        for i, ((x, y), names) in enumerate(at.items()):
+            ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 else -11),
                         fontsize=8)
     axes[0].set_title("Size vs perplexity")
     axes[1].set_title("Latency vs perplexity")
