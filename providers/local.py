@@ -43,7 +43,8 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` still runs."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -156,7 +157,7 @@ class LocalProvider(Provider):
     def _running(self, handle: Handle) -> bool:
         """The wrapper shell or anything else in the attempt's process group still runs (a workload
         whose shell was killed on its own is still running, and must not be relaunched beside)."""
-        return _alive(int(handle.data["pid"])) or _group_alive(int(handle.data["pgid"]))
+        return _alive(int(handle.data["pid"])) or group_alive(int(handle.data["pgid"]))
 
     def teardown(self, handle: Handle) -> None:
         if not self._running(handle):

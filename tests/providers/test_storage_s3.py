@@ -5,9 +5,7 @@ the same folder tests."""
 from __future__ import annotations
 
 import os
-import socket
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +20,9 @@ from botocore.exceptions import EndpointConnectionError  # noqa: E402
 MB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    """moto's S3 in a thread, on a free port of 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+@pytest.fixture
+def endpoint(moto_endpoint: str) -> str:
+    return moto_endpoint
 
 
 @pytest.fixture

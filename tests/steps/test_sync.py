@@ -9,11 +9,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,18 +116,9 @@ def test_only_rank_0_pushes_and_only_s3_urls_sync(tmp_path: Path, monkeypatch: p
 
 # ------------------------------------------------------------------ the real workload against S3 (moto)
 
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    """moto's S3 in a thread, on a free port of 127.0.0.1."""
-    moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (test-only)")
-    pytest.importorskip("boto3", reason="needs the cloud extra")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+@pytest.fixture
+def endpoint(moto_endpoint: str) -> str:
+    return moto_endpoint
 
 
 @pytest.fixture

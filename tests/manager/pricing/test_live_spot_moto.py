@@ -7,30 +7,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from moto import server as moto_server
 from optjob.manager.pricing import spot_live
 
 ROOT = Path(__file__).resolve().parents[3]
 CATALOG = ROOT.parent / "shared" / "skypilot-catalog" / "v8"
 
 
-@pytest.fixture(scope="module")
-def ec2() -> Iterator[dict[str, str]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "NO_PROXY": "127.0.0.1"}
-    server.stop()
+@pytest.fixture
+def ec2(moto_endpoint: str) -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "NO_PROXY": "127.0.0.1"}
 
 
 def test_live_prices_from_ec2(ec2: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
