@@ -14,8 +14,9 @@ from .common import PYTHON, Ctx, base_env, last_json, median, pair_ratios, run_c
 NAME = "throughput"
 TITLE = "Training throughput"
 MEASURES = ("Training tokens/s of optjob's `train_loop` (steps/train.py) against `transformers.Trainer` on the "
-            "same freshly initialised Llama, the same token windows, batch 8, AdamW (non-fused on both: "
-            "`optim=adamw_torch`; betas 0.9/0.95), cosine schedule with warm-up, grad clip 1.0, fp32 and bf16 "
+            "same freshly initialised Llama, the same token windows, batch 8, AdamW as each defaults to (fused on "
+            "both: Trainer's default `optim` on torch >= 2.8 is `adamw_torch_fused`, optjob uses the fused kernel on "
+            "CPU and CUDA; betas 0.9/0.95), cosine schedule with warm-up, grad clip 1.0, fp32 and bf16 "
             "autocast on CPU; same step count, the first steps of each segment excluded, tokens/s from the median "
             "step time, one untimed segment of each first, then segments interleaved "
             "(optjob, Trainer, Trainer, optjob, ...), in one process with one torch thread. Headline: tokens per "
@@ -69,7 +70,7 @@ def _segment(side: str, precision: str, setup: dict[str, Any], steps: int, warm:
         args = TrainingArguments(
             output_dir=str(tmp / "hf"), per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-3,
             warmup_steps=min(10, steps), lr_scheduler_type="cosine", adam_beta1=0.9, adam_beta2=0.95,
-            weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", bf16=precision == "bf16", use_cpu=True,
+            weight_decay=0.0, max_grad_norm=1.0, bf16=precision == "bf16", use_cpu=True,
             logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
             dataloader_num_workers=0, dataloader_pin_memory=False, seed=0)
         Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[Stamp()]).train()
@@ -106,7 +107,7 @@ def measure(quick: bool, tmp: str) -> dict[str, Any]:
     out: dict[str, Any] = {"threads": threads, "steps": steps, "warmup_steps_excluded": warm, "rounds": rounds,
                            "model": spec.model.init.model_dump(include={"layers", "hidden", "heads", "intermediate",
                                                                          "vocab"}),
-                           "seq_len": spec.data.seq_len, "batch": 8}
+                           "seq_len": spec.data.seq_len, "batch": 8, "trainer_optim": _trainer_default_optim(tmp)}
     for precision in ("fp32", "bf16"):
         # An untimed segment of each side first (allocator, kernel caches), then rounds in
         # alternating order (optjob, Trainer; Trainer, optjob; ...) so neither side always goes first.
@@ -129,6 +130,12 @@ def measure(quick: bool, tmp: str) -> dict[str, Any]:
             "spread": max((max(v["cpu"]) / min(v["cpu"]) - 1) for v in tps.values()),
         }
     return out
+
+
+def _trainer_default_optim(tmp: str) -> str:
+    from transformers import TrainingArguments
+
+    return str(TrainingArguments(output_dir=str(Path(tmp) / "hf"), use_cpu=True, report_to="none").optim.value)
 
 
 def tmp_spec(folder: Path, quick: bool) -> tuple[Path, int, int, int]:
@@ -156,7 +163,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
                f"{bf['tokens_per_cpu_s']['trainer']:,.0f}); by wall time fp32 {fp['ratio_wall']:.2f}, bf16 "
                f"{bf['ratio_wall']:.2f}; {m['model']['layers']}x{m['model']['hidden']} Llama, "
                f"seq {m['seq_len']}, batch {m['batch']}, {m['steps'] - m['warmup_steps_excluded']} timed steps x "
-               f"{m['rounds']} round(s), {m['threads']} thread; a side's own rounds differ by up to "
+               f"{m['rounds']} round(s), {m['threads']} thread, Trainer optim {m.get('trainer_optim', '?')}; "
+               f"a side's own rounds differ by up to "
                f"{max(fp.get('spread', 0), bf.get('spread', 0)):.1%}")
     # Equal within noise counts: the two loops run the same kernels.
     met = None if ctx.quick else fp["ratio"] >= 0.98 and bf["ratio"] >= 0.98  # --quick: 15 steps, too few

@@ -230,7 +230,7 @@ class Controller:
                     self.reporter.status(f"budget: {why}; checkpointing and stopping")
                     self.store.update_job(job.name, status=JobStatus.STOPPING, message=why)
                     self.provider.stop(Handle.from_json(attempt.handle or {}))
-                time.sleep(self.tick_s)
+                self.provider.wait(Handle.from_json(attempt.handle or {}), self.tick_s)
         except KeyboardInterrupt:
             return self._interrupt(job)
 

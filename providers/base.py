@@ -13,6 +13,7 @@ check them.
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -133,3 +134,12 @@ class Provider(abc.ABC):
         is fine) and confirmed — it returns only once the provider reports the
         resources gone, and raises ``TeardownError`` otherwise, so the caller
         retries and never marks a job torn down early."""
+
+    def wait(self, handle: Handle, timeout_s: float) -> None:
+        """Block for up to ``timeout_s`` seconds, returning early when the attempt may have ended.
+
+        Contract: a hint, never a state — it returns no result, may return at any time (the caller
+        then polls) and must not outlast ``timeout_s`` by much. The default sleeps; providers that can
+        see the end cheaply (the local exit file) return within a fraction of a second of it, so the
+        manager does not idle a whole tick after the workload is done."""
+        time.sleep(timeout_s)

@@ -27,6 +27,8 @@ from .base import AttemptState, Handle, LaunchRequest, Poll, Provider
 STOP_CODES = (4, 143)
 #: Exit codes meaning the process was killed from outside (SIGKILL: 137 = 128 + 9).
 KILLED_CODES = (137, -9)
+#: How often ``wait`` looks for the exit file.
+WAIT_STEP_S = 0.02
 
 
 def _alive(pid: int) -> bool:
@@ -115,6 +117,13 @@ class LocalProvider(Provider):
         if exit_file.exists():  # it ended between the two checks
             return self.poll(handle)
         return Poll(AttemptState.LOST, None, "the workload's process is gone and recorded no exit status")
+
+    def wait(self, handle: Handle, timeout_s: float) -> None:
+        """Sleep until the exit file appears (checked every 20 ms: one ``stat``) or ``timeout_s`` passes."""
+        exit_file = self._exit_file(Path(handle.data["job_dir"]), handle.attempt)
+        deadline = time.monotonic() + timeout_s
+        while not exit_file.exists() and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(WAIT_STEP_S, left))
 
     def read_log(self, handle: Handle, offset: int) -> tuple[str, int]:
         log = log_path(Path(handle.data["job_dir"]), handle.attempt)

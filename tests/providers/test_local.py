@@ -44,6 +44,18 @@ def test_success_exit_code_and_events(standin_python, tmp_path, monkeypatch):
     assert kinds == ["step_started"] + ["progress"] * 5 + ["step_done", "job_done"]
 
 
+def test_wait_returns_soon_after_the_end_and_not_before(standin_python, tmp_path, monkeypatch):
+    p = LocalProvider(python=standin_python)
+    h = launch(p, tmp_path, monkeypatch, STANDIN_STEPS="400", STANDIN_SLEEP="0.05")  # ~20 s unless stopped
+    t = time.monotonic()
+    p.wait(h, 0.3)  # still running: the whole timeout passes
+    assert time.monotonic() - t >= 0.3 and not p.poll(h).state.is_terminal()
+    p.stop(h)
+    t = time.monotonic()
+    p.wait(h, 20.0)  # it ends within a second of the stop: wait returns then, not after 20 s
+    assert time.monotonic() - t < 10 and p.poll(h).state.is_terminal()
+
+
 def test_read_log_offsets_give_each_byte_once(standin_python, tmp_path, monkeypatch):
     p = LocalProvider(python=standin_python)
     h = launch(p, tmp_path, monkeypatch, STANDIN_STEPS="20", STANDIN_SLEEP="0.02")

@@ -13,7 +13,7 @@ from optjob.specs import TrainOptions, TrainStep
 from optjob.steps import checkpoint as ckpt
 from optjob.steps.context import StopRequested
 from optjob.steps.modeling import initial_model
-from optjob.steps.train import Schedule, run, train_loop
+from optjob.steps.train import Schedule, make_optimizer, run, train_loop
 
 MakeCtx = Callable[..., Any]
 
@@ -132,6 +132,16 @@ def test_each_optimizer_and_schedule_runs(
         assert lrs == pytest.approx([lr] * 4)
     else:
         assert lrs[0] == pytest.approx(lr) and lrs[-1] == pytest.approx(0.0)
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel() -> None:
+    opts = TrainOptions(weight_decay=0.1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = make_optimizer(model, opts)
+    assert opt.defaults["fused"] is True  # CPU float32: Trainer's default (adamw_torch_fused) too
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # decay on matrices only
+    assert make_optimizer(model.to(torch.float64), opts).defaults["fused"] is True
+    assert make_optimizer(model.to("meta"), opts).defaults["fused"] is None  # no kernel: torch picks
 
 
 def test_schedule_shapes() -> None:
