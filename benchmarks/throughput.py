@@ -135,7 +135,8 @@ def measure(quick: bool, tmp: str) -> dict[str, Any]:
 def _trainer_default_optim(tmp: str) -> str:
     from transformers import TrainingArguments
 
-    return str(TrainingArguments(output_dir=str(Path(tmp) / "hf"), use_cpu=True, report_to="none").optim.value)
+    optim = TrainingArguments(output_dir=str(Path(tmp) / "hf"), use_cpu=True, report_to="none").optim
+    return str(getattr(optim, "value", optim))
 
 
 def tmp_spec(folder: Path, quick: bool) -> tuple[Path, int, int, int]:

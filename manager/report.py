@@ -2,7 +2,7 @@
 
 ``report_data`` assembles one JSON-serialisable dict from the state store and the
 workload's ``results.json`` (read tolerantly: any key may be missing);
-``write_report`` renders it as ``report.md``, ``report.html`` and PNG plots in the
+``write_report`` renders it as ``report.md``, ``report.html`` and SVG plots in the
 job folder. Neither raises for missing data: a job that failed before it wrote
 results still gets a report of its attempts and spend.
 """
@@ -315,7 +315,7 @@ def render_markdown(data: Rec, images: dict[str, Path]) -> str:
 
 
 def write_report(store: Store, name: str) -> list[Path]:
-    """Write report.md, report.html and the PNG plots into the job folder; return their paths."""
+    """Write report.md, report.html and the SVG plots into the job folder; return their paths."""
     from .report_html import plot_all, render_html
 
     data = report_data(store, name)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from optjob.manager import paths
 from optjob.manager.report import report_data, write_report
+from optjob.manager.report_html import plot_all
+from optjob.manager.report_svg import fmt, log_ticks, nice_step, nice_ticks
 from optjob.manager.status import JobStatus, Reason
 from optjob.manager.store import Store
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SVG = "{http://www.w3.org/2000/svg}"
 SPEC = {"name": "demo", "steps": [
     {"hpo": {"trials": 3, "direction": "minimize", "metric": "eval_loss"}},
     {"train": {"max_steps": 20}},
@@ -139,10 +142,12 @@ def test_write_report(store: Store) -> None:
                                   "loss": 4.0 - s / 100} for s in range(0, 50, 10)])
     written = write_report(store, "demo")
     names = [p.name for p in written]
-    assert names == ["report.md", "report.html", "loss_curves.png", "tradeoff.png"]
+    assert names == ["report.md", "report.html", "loss_curves.svg", "tradeoff.svg"]
     assert all(p.parent == job_dir and p.stat().st_size > 0 for p in written)
-    for png in written[2:]:
-        assert png.read_bytes().startswith(PNG_MAGIC)
+    loss, trade = (_svg(p.read_text()) for p in written[2:])
+    assert len(loss.findall(f".//{SVG}polyline")) == 2  # train (results.json) and prune (events)
+    assert {t.text for t in loss.iter(f"{SVG}text")} >= {"1 train", "2 prune", "optimizer step", "training loss"}
+    assert len(trade.findall(f".//{SVG}circle")) == 8  # 4 models with size, 4 with latency; evaluate left out
     md = (job_dir / "report.md").read_text()
     assert md.startswith("# demo: succeeded, $1.0000 spent")
     assert ("| Step | Params | Size | Perplexity | Accuracy | Fwd latency | Gen latency "
@@ -152,10 +157,10 @@ def test_write_report(store: Store) -> None:
         assert f"| {label} |" in md
     assert "105.00 (+5.0%)" in md and "2.1 MB (−48%)" in md and "12,345" in md
     assert "| 1 ★ |" in md and "| 0 |" in md and "PRUNED" in md
-    assert "![Loss curves](loss_curves.png)" in md and "(tradeoff.png)" in md
+    assert "![Loss curves](loss_curves.svg)" in md and "(tradeoff.svg)" in md
     assert "| 1 | succeeded | 6m 00s | 0.50 | 1 | no | 1.0000 |" in md
     page = (job_dir / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("<svg ") == 2 and page.count("</svg>") == 2 and "data:image" not in page
     assert "<!DOCTYPE html>" in page and "3 quantize (int8)" in page and 'class="better"' in page
 
 
@@ -239,3 +244,77 @@ def test_attempts_table_says_why_each_attempt_ended(tmp_path, monkeypatch):
     assert len(cells) == len(ATTEMPT_HEADERS) and ATTEMPT_HEADERS[-1] == "Ended because"
     assert cells[-1].endswith("lost 6 steps") and cells[1] == "preempted (exit 137)"
     assert attempt_cells({**row, "detail": None})[-1] == "preempted"
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+
+def _svg(text: str) -> ET.Element:
+    root = ET.fromstring(text)  # well-formed XML, or this raises
+    assert root.tag == f"{SVG}svg"
+    return root
+
+
+def _row(label: str, ppl: float | None, size: float | None = 4e6, latency: float | None = 10.0,
+         kind: str = "train") -> dict[str, object]:
+    return {"label": label, "kind": kind, "perplexity": ppl, "size_bytes": size, "latency_ms": latency}
+
+
+def test_nice_and_log_ticks() -> None:
+    assert [nice_step(s) for s in (1.0, 7.0, 13.0, 0.3, 4600.0)] == [0.2, 1.0, 2.0, 0.05, 1000.0]
+    assert nice_ticks(0, 300, 6) == [0, 50, 100, 150, 200, 250, 300]
+    assert nice_ticks(2.43, 8.63) == [3, 4, 5, 6, 7, 8]
+    assert nice_ticks(0.1, 0.7) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]  # no float noise
+    assert nice_ticks(-0.9, 0.4) == [-0.8, -0.6, -0.4, -0.2, 0.0, 0.2, 0.4]
+    assert "-0" not in map(fmt, nice_ticks(-0.9, 0.4))
+    assert len(set(map(fmt, nice_ticks(5.0, 5.0000001)))) == len(nice_ticks(5.0, 5.0000001))  # labels apart
+    assert 5 in nice_ticks(5, 5) and len(nice_ticks(5, 5)) >= 2  # a single value still gets ticks
+    assert log_ticks(150, 5000) == [200, 500, 1000, 2000, 5000]  # under two decades: 2x and 5x too
+    assert log_ticks(90, 60000) == [100, 1000, 10000]  # wider: decades only
+    assert log_ticks(0.03, 0.9) == [0.05, 0.1, 0.2, 0.5]
+    assert log_ticks(3000, 6500) == [3000, 4000, 5000, 6000]  # within one decade: linear nice ticks
+
+
+def test_loss_plot_svg(tmp_path: Path) -> None:
+    curves = {"0-train": [[s, 8.0 - s / 100] for s in range(1, 301)], "1-prune-again": [[1, 5.0], [10, 4.5]]}
+    images = plot_all({"loss_curves": curves, "rows": []}, tmp_path)
+    assert list(images) == ["Loss curves"] and images["Loss curves"].name == "loss_curves.svg"
+    root = _svg(images["Loss curves"].read_text())
+    lines = root.findall(f".//{SVG}polyline")
+    assert len(lines) == 2 and len(lines[0].get("points", "").split()) == 300
+    texts = [t.text for t in root.iter(f"{SVG}text")]
+    assert "Loss by step" in texts and "0 train" in texts and "1 prune-again" in texts  # one dash replaced
+    assert len(root.findall(f".//{SVG}circle")) == 2  # markers on the short curve only
+    first, last = (tuple(map(float, p.split(","))) for p in lines[0].get("points", "").split()[::299])
+    assert first[0] < last[0] and first[1] < last[1]  # the loss falls: y grows downward in SVG
+
+
+def test_tradeoff_plot_svg(tmp_path: Path) -> None:
+    rows = [_row("baseline", 4000.0, kind="baseline"), _row("1 <script>alert(1)</script>", 150.0, latency=None),
+            _row("2 prune", 300.0, size=2e6, latency=6.0), _row("3 evaluate", 300.0, kind="evaluate")]
+    text = plot_all({"loss_curves": {}, "rows": rows}, tmp_path)["Size and latency vs perplexity"].read_text()
+    assert "<script>" not in text and "&lt;script&gt;" in text
+    size, latency = _svg(text).findall(f"{SVG}g[@class='panel']")
+    ys = [float(c.get("cy", "nan")) for c in size.findall(f"{SVG}circle")]
+    assert len(ys) == 3  # one point per model: the evaluate row measures a model already shown
+    assert ys[1] > ys[2] > ys[0]  # perplexity 150 < 300 < 4000: lower perplexity, lower on the chart
+    assert len(latency.findall(f"{SVG}circle")) == 2
+    ticks = {t.text for t in size.iter(f"{SVG}text")}
+    assert {"perplexity (log scale)", "model size (MB)", "Size vs perplexity", "1000"} <= ticks
+    merged = [_row("a", 50.0), _row("b", 50.0)]
+    panel = _svg(plot_all({"loss_curves": {}, "rows": merged}, tmp_path)["Size and latency vs perplexity"]
+                 .read_text()).findall(f"{SVG}g[@class='panel']")[0]
+    assert [t.text for t in panel.findall(f"{SVG}text[@class='label']")] == ["a = b"]
+    unmeasured = [_row("a", 50.0, latency=None), _row("b", 40.0, size=1e6, latency=None)]
+    root = _svg(plot_all({"loss_curves": {}, "rows": unmeasured}, tmp_path)["Size and latency vs perplexity"]
+                .read_text())
+    assert "not measured" in [t.text for t in root.findall(f"{SVG}g[@class='panel']")[1].iter(f"{SVG}text")]
+
+
+def test_plots_without_data_are_not_written_and_stale_ones_go(tmp_path: Path) -> None:
+    for name in ("loss_curves.svg", "tradeoff.svg", "loss_curves.png", "tradeoff.png"):
+        (tmp_path / name).write_text("stale")
+    assert plot_all({"loss_curves": {"0-train": []}, "rows": [_row("a", None)]}, tmp_path) == {}
+    assert list(tmp_path.iterdir()) == []
+    bad = {"loss_curves": {"0-train": [[1, "x"]]}, "rows": [{"label": "a", "perplexity": 5.0, "size_bytes": "?"}]}
+    (tmp_path / "tradeoff.svg").write_text("stale")
+    assert plot_all(bad, tmp_path) == {} and list(tmp_path.iterdir()) == []  # a bad value costs the plot only
