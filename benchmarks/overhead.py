@@ -26,11 +26,12 @@ from .common import (
 NAME = "overhead"
 TITLE = "Manager overhead"
 MEASURES = ("Wall time of `optjob apply SPEC --local --yes` (plan, state store, workload subprocess, log "
-            "ingestion every 0.5 s, metering, teardown, report) against `python -m benchmarks.plain_pipeline "
-            "SPEC` doing the same work in one process (same model, data, baseline evaluation, step functions, "
-            "saved models). SPEC: 2-layer 128-wide Llama, seq 64, batch 8, train N steps + evaluate; each "
-            "apply in a fresh OPTJOB_HOME, corpus/tokenizer cache warm for both, one torch thread on both sides "
-            "(steadier on shared cores). Wall-time ratio of medians; CPU-time ratio beside it.")
+            "ingestion every 0.5 s and within 20 ms of the workload's exit, metering, teardown, report) against "
+            "`python -m benchmarks.plain_pipeline SPEC` doing the same work in one process (same model, data, "
+            "baseline evaluation, step functions, saved models, evaluation of each step's output; both processes "
+            "end with steps/shutdown.py's fast exit). SPEC: 2-layer 128-wide Llama, seq 64, batch 8, train N "
+            "steps + evaluate; each apply in a fresh OPTJOB_HOME, corpus/tokenizer cache warm for both, one torch "
+            "thread on both sides (steadier on shared cores). Wall-time ratio of medians; CPU-time ratio beside it.")
 GOAL = "apply / plain < 1.05"
 
 

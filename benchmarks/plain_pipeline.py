@@ -1,7 +1,10 @@
 """The manager-free baseline: ``python -m benchmarks.plain_pipeline SPEC WORKDIR`` does the work
 ``optjob apply SPEC --local`` does — the same data, tokenizer, model, baseline evaluation, step
-functions and saved models — by calling the step functions directly, in one process, with no
-state store, plan, provider, log ingestion or report."""
+functions, saved models and evaluation of each step's output model (the report's side-by-side
+figures) — by calling the step functions directly, in one process, with no state store, plan,
+provider, log ingestion or report. It ends as the workload does (``steps/shutdown.py``:
+flush, then ``os._exit``, skipping most of a second of interpreter teardown), so the comparison
+measures what the manager adds, not how the processes exit."""
 
 from __future__ import annotations
 
@@ -44,12 +47,17 @@ def main(argv: list[str]) -> int:
         c = ctx(i, model_dir)
         outcome = step_module(step.kind).run(c, step, model)
         model = outcome.model
+        metrics = outcome.metrics
         if not isinstance(step, EvaluateStep):
             model_dir = save_model(model, c.step_dir() / "model", tokenizer)
-        results["steps"].append({"kind": step.kind, "metrics": outcome.metrics})
+            if step.kind != "hpo":  # as the runner: every step's output measured the same way
+                metrics = {**evaluate_model(c, model, EvaluateStep(), model_dir), **metrics}
+        results["steps"].append({"kind": step.kind, "metrics": metrics})
     (work / "results.json").write_text(json.dumps(results, default=str))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from optjob.steps.shutdown import exit_now
+
+    exit_now(main(sys.argv[1:]))

@@ -38,4 +38,6 @@ def _record(code: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_record(_main()))
+    from optjob.steps.shutdown import exit_now
+
+    exit_now(_record(_main()))
