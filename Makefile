@@ -24,7 +24,7 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy specs manager providers steps
+	$(VENV)/bin/mypy specs manager providers steps benchmarks
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks

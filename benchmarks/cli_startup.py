@@ -55,7 +55,7 @@ def _click_version() -> str:
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
-    rounds, warmup = (2, 0) if ctx.quick else (5, 1)
+    rounds, warmup = (1, 0) if ctx.quick else (5, 1)
     spec = str(REPO / "examples" / "quickstart.yaml")
     env = base_env(OPTJOB_HOME=str(ctx.mkdtemp("home-")))
     sides = {

@@ -6,6 +6,7 @@ the two sides interleaved (A, B, A, B, ...), summarised by medians.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -148,7 +149,11 @@ def warm_cache(spec_path: Path) -> None:
     raw = yaml.safe_load(spec_path.read_text())
     key = json.dumps([raw.get("data"), raw["model"].get("tokenizer"), (raw["model"].get("init") or {}).get("vocab")],
                      sort_keys=True)
-    if key in _WARMED:
+    # A marker per (data, tokenizer, cache code) says an earlier suite run built them: then no child
+    # process (it would import torch only to find everything cached).
+    code_hash = hashlib.sha256(b"".join((REPO / "steps" / f).read_bytes() for f in ("data.py", "tokenizer.py")))
+    marker = CACHE / "warm" / hashlib.sha256(key.encode() + code_hash.digest()).hexdigest()[:24]
+    if key in _WARMED or marker.exists():
         return
     code = ("import sys; from pathlib import Path; from optjob.specs import load_spec; "
             "from optjob.steps.data import load_text, build_corpus; "
@@ -157,6 +162,8 @@ def warm_cache(spec_path: Path) -> None:
             "tok = load_tokenizer(spec, text, cache); build_corpus(spec, tok, cache, dry_run=False, text=text)")
     run_cmd([PYTHON, "-c", code, str(spec_path), str(CACHE)], env=base_env(), timeout=900)
     _WARMED.add(key)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key)
 
 
 @contextmanager

@@ -7,7 +7,7 @@ assert the same properties on smaller samples; this measures them at size:
 - fuzz: documents from the four hostile families of tests/reliability/spec_fuzz.py (token soup,
   random trees, text and tree mutations of examples/*.yaml) through ``loads_spec``; a crash is any
   outcome other than a valid JobSpec or one SpecError naming the document (within 10 s).
-- rehearsal: ``optjob apply --local --simulate-preemption 2`` of a tiny real pipeline, per seed,
+- rehearsal: ``optjob apply --local --simulate-preemption 2`` (1 in ``--quick``) of a tiny real pipeline, per seed,
   against one uninterrupted run: kills survived, final metrics and trained weights identical, and
   the work each kill lost (last step logged by the killed attempt less the step the next resumed
   from) against ``checkpoint_every``.
@@ -115,7 +115,7 @@ def _events(path: Path) -> list[dict[str, Any]]:
     return [e for e in map(parse_event, path.read_text(errors="replace").splitlines()) if e is not None]
 
 
-def rehearsal(seeds: list[int], tmp: Path) -> dict[str, Any]:
+def rehearsal(seeds: list[int], tmp: Path, kills: int = 2) -> dict[str, Any]:
     home = tmp / "rehearsal-home"
     env = base_env(OPTJOB_CACHE=str(CACHE))
     straight_spec = tmp / "straight.yaml"
@@ -126,12 +126,12 @@ def rehearsal(seeds: list[int], tmp: Path) -> dict[str, Any]:
     straight = json.loads((home / "jobs" / "straight" / "results.json").read_text())
     weights = "steps/00-train/model/model.safetensors"
     straight_weights = (home / "jobs" / "straight" / weights).read_bytes()
-    runs = []
+    runs: list[dict[str, Any]] = []
     for s in seeds:
         name = f"rehearsed-{s}"
         spec = tmp / f"{name}.yaml"
         spec.write_text(TINY.format(name=name, every=EVERY))
-        proc = cli(home, "apply", str(spec), "--local", "--yes", "--simulate-preemption", "2",
+        proc = cli(home, "apply", str(spec), "--local", "--yes", "--simulate-preemption", str(kills),
                    "--preemption-seed", str(s), env=env)
         job = home / "jobs" / name
         logs = sorted((job / "logs").glob("attempt-*.log"), key=lambda p: int(p.stem.split("-")[1]))
@@ -150,9 +150,9 @@ def rehearsal(seeds: list[int], tmp: Path) -> dict[str, Any]:
                      "kills": codes.count(137), "metrics_identical": same, "weights_identical": same_weights,
                      "lost_steps_per_kill": lost,
                      "lost_steps_seen_by_manager": [int(x) for x in seen.group(1).split(",")] if seen else None})
-    kills = sum(r["kills"] for r in runs)
+    killed = sum(r["kills"] for r in runs)
     ok = [r for r in runs if r["exit_code"] == 0 and r["metrics_identical"] and r["weights_identical"]]
-    return {"rehearsals": len(runs), "kills": kills, "kills_survived_identical": sum(r["kills"] for r in ok),
+    return {"rehearsals": len(runs), "kills": killed, "kills_survived_identical": sum(r["kills"] for r in ok),
             "checkpoint_every": EVERY,
             "max_lost_steps_per_kill": max((n for r in runs for n in r["lost_steps_per_kill"]), default=0),
             "max_lost_steps_seen_by_manager": max((n for r in runs for n in r["lost_steps_seen_by_manager"] or []),
@@ -196,7 +196,7 @@ def concurrent_applies(trials: int, tmp: Path) -> dict[str, Any]:
 # ---- secrets -------------------------------------------------------------------------------------
 
 
-def secrets(tmp: Path) -> dict[str, Any]:
+def secrets(tmp: Path, quick: bool = False) -> dict[str, Any]:
     def sentinel(name: str) -> str:
         return f"sentinel-{name.lower().replace('_', '-')}-7f3a9c1e"
 
@@ -214,10 +214,13 @@ def secrets(tmp: Path) -> dict[str, Any]:
     spec = tmp / "secrets.yaml"
     spec.write_text(TINY.format(name="secrets", every=EVERY).replace("max_steps: 120", "max_steps: 12"))
     output = ""
-    for args in (("apply", str(spec), "--local", "--yes"), ("apply", str(spec), "--local", "--yes", "--json"),
-                 ("status", "secrets", "--json"), ("list", "--json"), ("report", "secrets", "--json"),
-                 ("report", "secrets"), ("cost", "secrets", "--json"), ("logs", "secrets"),
-                 ("plan", str(spec), "--local", "--json"), ("down", "secrets")):
+    applies: list[tuple[str, ...]] = [("apply", str(spec), "--local", "--yes")]
+    if not quick:
+        applies.append(("apply", str(spec), "--local", "--yes", "--json"))
+    commands = [*applies, ("status", "secrets", "--json"), ("list", "--json"), ("report", "secrets", "--json"),
+                ("report", "secrets"), ("cost", "secrets", "--json"), ("logs", "secrets"),
+                ("plan", str(spec), "--local", "--json"), ("down", "secrets")]
+    for args in commands:
         proc = cli(home, *args, env=env)
         output += proc.stdout + proc.stderr
     leaks: list[str] = [f"output: {v}" for v in values if v in output]
@@ -227,7 +230,7 @@ def secrets(tmp: Path) -> dict[str, Any]:
             files += 1
             blob = f.read_bytes()
             leaks += [f"{f.relative_to(home)}: {v}" for v in values if v.encode() in blob]
-    return {"sentinels": len(values), "files_scanned": files, "commands": 10, "leaks": len(leaks),
+    return {"sentinels": len(values), "files_scanned": files, "commands": len(commands), "leaks": len(leaks),
             "leak_examples": leaks[:5]}
 
 
@@ -240,13 +243,13 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
     figures["fuzz"] = fuzz(400 if quick else 5000)
     figures["fuzz"]["seconds"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    figures["concurrent_applies"] = concurrent_applies(3 if quick else 20, tmp)
+    figures["concurrent_applies"] = concurrent_applies(2 if quick else 20, tmp)
     figures["concurrent_applies"]["seconds"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    figures["rehearsal"] = rehearsal([0] if quick else [0, 1, 2], tmp)
+    figures["rehearsal"] = rehearsal([0] if quick else [0, 1, 2], tmp, kills=1 if quick else 2)
     figures["rehearsal"]["seconds"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    figures["secrets"] = secrets(tmp)
+    figures["secrets"] = secrets(tmp, quick)
     figures["secrets"]["seconds"] = round(time.perf_counter() - t, 1)
     return figures
 
@@ -269,7 +272,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="400 documents, 3 trials, one rehearsal")
+    ap.add_argument("--quick", action="store_true",
+                    help="400 documents, 2 trials, one rehearsal of one kill, one apply with secrets")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="optjob-reliability-") as tmp:
         try:

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 from optjob.manager.pricing.calibration import RunRecord, calibrated_efficiency
-from optjob.manager.pricing.estimate import estimate, plan_offers, workload
+from optjob.manager.pricing.estimate import PROVISION_S, estimate, plan_offers, workload
 from optjob.manager.pricing.offers import Offer, choose, find_offers
 from optjob.specs import loads_spec
 from optjob.specs.job import JobSpec
@@ -101,8 +101,8 @@ def test_every_step_kind_and_the_shrinking_model() -> None:
     est = estimate(spec, local, efficiency=0.25)
     for step, (_, _, f) in zip(est.steps, want, strict=True):
         assert step.seconds == pytest.approx(f / (0.5e12 * 0.25) + 0.5)  # CPU: 0.5 TFLOP/s; 0.5 s fixed locally
-    total = sum(s.seconds for s in est.steps) + 6.0  # local: the workload's start-up, no provisioning
-    assert est.overhead_seconds == 6.0
+    total = sum(s.seconds for s in est.steps) + PROVISION_S["local"]  # local: the workload's start-up, no provisioning
+    assert est.overhead_seconds == PROVISION_S["local"]  # no provisioning, no download
     assert est.total_usd == pytest.approx(total / 3600 * 0.1)
 
 
