@@ -6,6 +6,9 @@ Exits 0 whatever the numbers; exits 1 if a comparison crashed (after writing the
 
 A module is a comparison if it has ``NAME``, ``TITLE``, ``MEASURES``, ``GOAL`` and
 ``run(ctx) -> {"summary": str, "met": bool | None, "metrics": dict, "notes": list[str]}``.
+A module whose figures are counts, not timings, sets ``BESIDE = True``: ``--quick`` runs it in a
+second process beside the timed comparisons (the CI budget is two minutes; these machines have two
+cores and the timed comparisons mostly use one); the full suite runs everything one after another.
 """
 
 from __future__ import annotations
@@ -139,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="compression: use this finished quickstart job folder (e.g. ~/.optjob/jobs/quickstart) "
                          "instead of running the pipeline")
     ap.add_argument("--no-write", action="store_true", help="print results; leave results.json and README alone")
+    ap.add_argument("--out", metavar="FILE", help=argparse.SUPPRESS)  # the results as JSON (the --quick side lane)
     args = ap.parse_args(argv)
     names = MODULES
     if args.only:
@@ -153,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="optjob-bench-"))
     results: dict[str, Any] = {}
     crashed = []
+    beside = _start_beside(names, tmp) if args.quick and len(names) > 1 else {}
     try:
         for name in names:
+            if name in beside:
+                continue
             module = load(name)
             if module is None:
                 if args.only:
@@ -179,10 +186,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{name}] CRASHED:\n{err}", file=sys.stderr, flush=True)
             entry["seconds"] = round(time.perf_counter() - t, 1)
             results[name] = entry
+        for name, (proc, out_file) in beside.items():
+            entry = _finish_beside(name, proc, out_file)
+            if entry.get("summary") == "crashed":
+                crashed.append(name)
+            results[name] = entry
     finally:
+        for proc, _ in beside.values():
+            if proc.poll() is None:
+                proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     wall = time.perf_counter() - started
     print(f"suite wall time {wall:.0f} s", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, default=str))
     if not args.no_write:
         data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
         prev = data.get(mode, {})
@@ -197,6 +214,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crashed: {', '.join(crashed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _start_beside(names: list[str], tmp: Path) -> dict[str, tuple[subprocess.Popen[bytes], Path]]:
+    """Start each ``BESIDE`` comparison of ``names`` in its own ``python -m benchmarks --quick`` process."""
+    started: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+    for name in names:
+        module = load(name)
+        if module is None or not getattr(module, "BESIDE", False):
+            continue
+        out_file = tmp / f"beside-{name}.json"
+        cmd = [sys.executable, "-m", "benchmarks", "--quick", "--only", name, "--no-write", "--out", str(out_file)]
+        print(f"[{name}] {module.TITLE} ... (beside the others)", flush=True)
+        with open(tmp / f"beside-{name}.err", "wb") as err:  # the child keeps its own copy of the descriptor
+            started[name] = (subprocess.Popen(cmd, cwd=BENCH.parent, stdout=subprocess.DEVNULL, stderr=err), out_file)
+    return started
+
+
+def _finish_beside(name: str, proc: subprocess.Popen[bytes], out_file: Path) -> dict[str, Any]:
+    try:
+        proc.wait(timeout=1200)
+        entry = json.loads(out_file.read_text())[name]
+    except (subprocess.TimeoutExpired, OSError, ValueError, KeyError):
+        proc.kill()
+        err = (out_file.parent / f"beside-{name}.err").read_text(errors="replace")[-4000:]
+        entry = {"summary": "crashed", "met": None, "metrics": {}, "notes": [], "error": err}
+        print(f"[{name}] CRASHED:\n{err}", file=sys.stderr, flush=True)
+        return entry
+    entry["notes"] = [*entry.get("notes", []), "--quick: ran in a second process beside the timed comparisons"]
+    met = entry.get("met")
+    print(f"[{name}] {'met' if met else 'NOT met' if met is False else '-'}: {entry['summary']}", flush=True)
+    return entry
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -196,13 +197,18 @@ def _check_node(root: yaml.Node, source: str) -> None:
 # ---- turning pydantic errors into lines ---------------------------------------------------------
 
 
-def _collapse(loc: Loc) -> Loc:
-    """Steps validate through a tagged union, which repeats the tag: drop the repeat."""
+#: How pydantic names a validator wrapper in an error's location: ``function-after[check(), JobSpec]``.
+_WRAPPER = re.compile(r"function-(after|before|wrap|plain)\[.*\]\Z", re.S)
+
+
+def _collapse(loc: Loc, *, key_last: bool = False) -> Loc:
+    """Steps validate through a tagged union, which repeats the tag: drop the repeat; and drop
+    validator wrappers. ``key_last``: the last segment is the user's own key (an unknown field)."""
     out: list[str | int] = []
-    for seg in loc:
+    for i, seg in enumerate(loc):
         if out and seg == out[-1] and seg in STEP_TYPES:
             continue
-        if isinstance(seg, str) and seg.startswith("function-"):  # validator wrappers
+        if isinstance(seg, str) and _WRAPPER.match(seg) and not (key_last and i == len(loc) - 1):
             continue
         out.append(seg)
     return tuple(out)
@@ -272,7 +278,7 @@ def _fields_at(loc: Loc) -> list[str]:
 
 def _message(err: Any, loc: Loc) -> str:
     kind = err["type"]
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden" and loc:
         name = str(loc[-1])
         close = difflib.get_close_matches(name, _fields_at(loc[:-1]), n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else "; remove it or check `optjob schema`"
@@ -288,7 +294,7 @@ def _message(err: Any, loc: Loc) -> str:
 
 
 def _format(err: Any, root: yaml.Node, source: str) -> str:
-    loc: Loc = _collapse(tuple(err["loc"]))
+    loc: Loc = _collapse(tuple(err["loc"]), key_last=err["type"] == "extra_forbidden")
     ctx_error = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_error, PathError):
         loc = loc + tuple(ctx_error.loc)

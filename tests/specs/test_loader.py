@@ -51,6 +51,11 @@ MALFORMED = [
     ("name: tiny\nmodel: {init: {}}\nsteps: []\n", 3, 8, "steps", "at least 1"),
     ("name: tiny\nmodel: {init: {}}\nsteps: [{train: {}}]\nresources: {cloud: aws, spot: true}\n", 1, 1,
      "storage.artifacts", "s3://"),
+    # A key that looks like pydantic's validator-wrapper location segment (found by the fuzzer: it crashed)
+    ("name: tiny\nmodel: {init: {}}\nsteps: [{train: {}}]\nfunction-: 1\n", 4, 1, "['function-']",
+     "unknown field 'function-'"),
+    ("name: tiny\nmodel: {init: {}}\nsteps: [{train: {}}]\n'function-after[x]': 1\n", 4, 1,
+     "['function-after[x]']", "unknown field"),
 ]
 
 
