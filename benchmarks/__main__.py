@@ -6,9 +6,10 @@ Exits 0 whatever the numbers; exits 1 if a comparison crashed (after writing the
 
 A module is a comparison if it has ``NAME``, ``TITLE``, ``MEASURES``, ``GOAL`` and
 ``run(ctx) -> {"summary": str, "met": bool | None, "metrics": dict, "notes": list[str]}``.
-A module whose figures are counts, not timings, sets ``BESIDE = True``: ``--quick`` runs it in a
-second process beside the timed comparisons (the CI budget is two minutes; these machines have two
-cores and the timed comparisons mostly use one); the full suite runs everything one after another.
+A module whose figures are not timings against a peer (counts, spend against a cap, quality) sets
+``BESIDE = True``: ``--quick`` runs those one after another in a second process pinned to half the
+CPUs, beside the timed comparisons on the other half (CI's budget is two minutes on two cores); the
+full suite runs everything in turn on every core.
 """
 
 from __future__ import annotations
@@ -136,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks",
                                  description="Run optjob's comparisons; merge the results into benchmarks/results.json "
                                              "and regenerate the tables in benchmarks/README.md.")
-    ap.add_argument("--quick", action="store_true", help="small sizes, few rounds (CI): about 2 minutes")
+    ap.add_argument("--quick", action="store_true", help="small sizes, few rounds (CI): about a minute")
     ap.add_argument("--only", help="comma-separated comparison names: " + ", ".join(MODULES))
     ap.add_argument("--quickstart", metavar="JOB_DIR",
                     help="compression: use this finished quickstart job folder (e.g. ~/.optjob/jobs/quickstart) "
                          "instead of running the pipeline")
     ap.add_argument("--no-write", action="store_true", help="print results; leave results.json and README alone")
     ap.add_argument("--out", metavar="FILE", help=argparse.SUPPRESS)  # the results as JSON (the --quick side lane)
+    ap.add_argument("--side-lane", action="store_true", help=argparse.SUPPRESS)  # this is it: no lane of its own
     args = ap.parse_args(argv)
     names = MODULES
     if args.only:
@@ -157,10 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="optjob-bench-"))
     results: dict[str, Any] = {}
     crashed = []
-    beside = _start_beside(names, tmp) if args.quick and len(names) > 1 else {}
+    beside = _start_beside(names, tmp) if args.quick and len(names) > 1 and not args.side_lane else {}
     try:
         for name in names:
-            if name in beside:
+            if beside and name in beside["names"]:
                 continue
             module = load(name)
             if module is None:
@@ -186,15 +188,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{name}] CRASHED:\n{err}", file=sys.stderr, flush=True)
             entry["seconds"] = round(time.perf_counter() - t, 1)
             results[name] = entry
-        for name, (proc, out_file) in beside.items():
-            entry = _finish_beside(name, proc, out_file)
-            if entry.get("summary") == "crashed":
-                crashed.append(name)
-            results[name] = entry
+        if beside:
+            side = _finish_beside(beside)
+            crashed += [n for n, e in side.items() if e.get("summary") == "crashed"]
+            results.update(side)
     finally:
-        for proc, _ in beside.values():
-            if proc.poll() is None:
-                proc.kill()
+        if beside and beside["proc"].poll() is None:
+            beside["proc"].kill()
         shutil.rmtree(tmp, ignore_errors=True)
     wall = time.perf_counter() - started
     print(f"suite wall time {wall:.0f} s", flush=True)
@@ -216,35 +216,59 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _start_beside(names: list[str], tmp: Path) -> dict[str, tuple[subprocess.Popen[bytes], Path]]:
-    """Start each ``BESIDE`` comparison of ``names`` in its own ``python -m benchmarks --quick`` process."""
-    started: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
-    for name in names:
-        module = load(name)
-        if module is None or not getattr(module, "BESIDE", False):
-            continue
-        out_file = tmp / f"beside-{name}.json"
-        cmd = [sys.executable, "-m", "benchmarks", "--quick", "--only", name, "--no-write", "--out", str(out_file)]
-        print(f"[{name}] {module.TITLE} ... (beside the others)", flush=True)
-        with open(tmp / f"beside-{name}.err", "wb") as err:  # the child keeps its own copy of the descriptor
-            started[name] = (subprocess.Popen(cmd, cwd=BENCH.parent, stdout=subprocess.DEVNULL, stderr=err), out_file)
-    return started
-
-
-def _finish_beside(name: str, proc: subprocess.Popen[bytes], out_file: Path) -> dict[str, Any]:
+def _split_cpus() -> tuple[set[int], set[int]] | None:
+    """This process's CPUs in two halves (main lane, side lane); None with fewer than two or no affinity API."""
     try:
-        proc.wait(timeout=1200)
-        entry = json.loads(out_file.read_text())[name]
-    except (subprocess.TimeoutExpired, OSError, ValueError, KeyError):
-        proc.kill()
-        err = (out_file.parent / f"beside-{name}.err").read_text(errors="replace")[-4000:]
-        entry = {"summary": "crashed", "met": None, "metrics": {}, "notes": [], "error": err}
-        print(f"[{name}] CRASHED:\n{err}", file=sys.stderr, flush=True)
-        return entry
-    entry["notes"] = [*entry.get("notes", []), "--quick: ran in a second process beside the timed comparisons"]
-    met = entry.get("met")
-    print(f"[{name}] {'met' if met else 'NOT met' if met is False else '-'}: {entry['summary']}", flush=True)
-    return entry
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return None
+    if len(cpus) < 2:
+        return None
+    half = len(cpus) // 2
+    return set(cpus[:half]), set(cpus[half:])
+
+
+def _start_beside(names: list[str], tmp: Path) -> dict[str, Any]:
+    """Start the ``BESIDE`` comparisons of ``names``, one after another, in a second ``python -m
+    benchmarks --quick`` process pinned to half the CPUs, while this process (and everything it
+    starts) keeps the other half: two lanes of torch each sizing its thread pool to all the cores
+    would thrash each other's OpenMP barriers (measured: the compression comparison 5x slower)."""
+    side = [n for n in names if getattr(load(n), "BESIDE", False)]
+    halves = _split_cpus()
+    if not side or halves is None:
+        return {}  # one core: everything in turn
+    main_cpus, side_cpus = halves
+    os.sched_setaffinity(0, main_cpus)
+    out_file, err_file = tmp / "side-lane.json", tmp / "side-lane.err"
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--only", ",".join(side), "--no-write", "--side-lane",
+           "--out", str(out_file)]
+    print(f"[{', '.join(side)}] started beside the others (CPUs {sorted(side_cpus)})", flush=True)
+    with open(err_file, "wb") as err:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=BENCH.parent, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=lambda: os.sched_setaffinity(0, side_cpus))
+    return {"proc": proc, "names": side, "out": out_file, "err": err_file}
+
+
+def _finish_beside(lane: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The side lane's results, each noted as such; a crashed lane reports all its comparisons crashed."""
+    try:
+        lane["proc"].wait(timeout=1800)
+        results: dict[str, dict[str, Any]] = json.loads(lane["out"].read_text())
+    except (subprocess.TimeoutExpired, OSError, ValueError):
+        lane["proc"].kill()
+        results = {}
+    err = lane["err"].read_text(errors="replace")[-4000:]
+    for name in lane["names"]:
+        entry = results.get(name) or {"summary": "crashed", "met": None, "metrics": {}, "notes": [], "error": err}
+        results[name] = entry
+        if entry.get("summary") == "crashed":
+            print(f"[{name}] CRASHED:\n{entry.get('error', err)}", file=sys.stderr, flush=True)
+            continue
+        entry["notes"] = [*entry.get("notes", []), "--quick: ran in a second process, on its own CPUs, beside the "
+                          "timed comparisons"]
+        met = entry.get("met")
+        print(f"[{name}] {'met' if met else 'NOT met' if met is False else '-'}: {entry['summary']}", flush=True)
+    return results
 
 
 if __name__ == "__main__":

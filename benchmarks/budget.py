@@ -14,6 +14,9 @@ MEASURES = ("`optjob apply --local` of a spec that cannot finish within its budg
             "training that the uncalibrated plan thinks fits), each run in a fresh OPTJOB_HOME, with different "
             "`max_usd` and with the workload's deadline margin at its default (20 s) and at 0 "
             "(`OPTJOB_DEADLINE_MARGIN=0`, the tightest); records the exit code and the ledger's spend at stop.")
+#: Its figures are spend against a cap, not timings against a peer: ``--quick`` runs it beside the timed
+#: comparisons (benchmarks/__main__.py).
+BESIDE = True
 GOAL = "spend never above max_usd (exit 4, checkpoint kept)"
 
 

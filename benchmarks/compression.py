@@ -20,6 +20,9 @@ MEASURES = ("Runs the quickstart pipeline (`examples/quickstart.yaml`: 4 layers 
             "as a train step). Then loads every step's saved model and measures "
             "state-dict bytes, perplexity on the whole eval split and single-sequence forward latency (models "
             "interleaved, one thread, CPU time), each against the model it came from.")
+#: Its figures are sizes, perplexities and a CPU-time latency ratio within one process: ``--quick`` runs it
+#: beside the timed comparisons (benchmarks/__main__.py).
+BESIDE = True
 GOAL = ("prune 50%+recovery: perplexity within 5% of trained; int8-dynamic: state dict <= 1/2, perplexity within "
         "1%, latency <= fp32; distilled student: perplexity below the scratch student's")
 

@@ -43,7 +43,7 @@ MEASURES = ("Fuzzed spec documents through the loader; `apply --simulate-preempt
             "with credentials set to sentinels (see benchmarks/reliability.py).")
 GOAL = "0 loader crashes, identical metrics after kills, lost work <= checkpoint_every, 0 duplicates, 0 leaks"
 
-#: Counts, not timings: ``--quick`` runs this beside the timed comparisons (benchmarks/__main__.py).
+#: Counts, not timings: ``--quick`` runs it beside the timed comparisons (benchmarks/__main__.py).
 BESIDE = True
 TESTS = REPO / "tests" / "reliability"
 DRIVER = TESTS / "driver.py"
