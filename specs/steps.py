@@ -106,7 +106,7 @@ class EvaluateStep(StepBase):
     max_batches: int | None = Field(None, ge=1)
     """Evaluate on at most this many batches (default: the whole eval split)."""
     latency_repeats: int = Field(5, ge=1, le=1000)
-    """Repeats for latency medians."""
+    """Least repeats for latency medians (more, up to 10x, until 0.15 s has been timed)."""
     generate_tokens: int = Field(32, ge=1, le=4096)
     """Tokens to generate when timing generation."""
 

@@ -63,10 +63,21 @@ def eval_loss(
     return total / count, correct / count
 
 
+#: Latency is timed for at least this long (small models: many runs, one median).
+MIN_TIMED_S = 0.15
+MAX_REPEAT_FACTOR = 10
+
+
 def _median_ms(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """Median wall time of ``fn`` after two warm-up calls: at least ``repeats`` runs, and more (up to
+    ``MAX_REPEAT_FACTOR`` x) until :data:`MIN_TIMED_S` has passed -- five runs of a 10 ms forward on
+    shared cores gave medians 50% apart for two models of the same shape."""
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+    fn()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - started < MIN_TIMED_S
+                                   and len(times) < repeats * MAX_REPEAT_FACTOR):
         synchronize(device)
         t = time.perf_counter()
         fn()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -122,3 +123,14 @@ def test_build_every_family(family: str) -> None:
         assert cfg.attention_dropout == 0.1
     out = a(input_ids=torch.randint(0, 300, (2, 10))).logits
     assert out.shape == (2, 10, 300)
+
+
+def test_latency_median_times_fast_calls_longer_and_slow_ones_only_as_asked() -> None:
+    from optjob.steps.evaluate import MAX_REPEAT_FACTOR, _median_ms
+
+    calls = []
+    _median_ms(lambda: calls.append(1), 3, torch.device("cpu"))  # instant: runs until the cap
+    assert len(calls) == 2 + 3 * MAX_REPEAT_FACTOR
+    calls.clear()
+    _median_ms(lambda: (calls.append(1), time.sleep(0.1)), 2, torch.device("cpu"))  # 2 x 0.1 s is enough
+    assert len(calls) == 2 + 2
