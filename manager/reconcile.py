@@ -68,15 +68,19 @@ def observe(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow) 
     # Read the log once more after a terminal poll: the last lines may have landed in between.
     if poll.state.is_terminal():
         events += ingest(store, provider, job, attempt, handle)
-    now = time.time()
     if poll.state.is_terminal() and attempt.ended_at is None:
+        # The provider's own record of the end when it has one: a manager that comes back (or a
+        # `status`) an hour later must not date the end, or bill the hour, to its own clock.
+        ended = min(poll.ended_at, time.time()) if poll.ended_at else time.time()
+        ended = max(ended, attempt.started_at)
         store.update_attempt(attempt.id, status=poll.state, exit_code=poll.exit_code,
-                             detail=attempt.detail or poll.detail, ended_at=now)
-        attempt.status, attempt.exit_code, attempt.ended_at = poll.state.value, poll.exit_code, now
+                             detail=attempt.detail or poll.detail, ended_at=ended)
+        attempt.status, attempt.exit_code, attempt.ended_at = poll.state.value, poll.exit_code, ended
     elif not poll.state.is_terminal() and attempt.status != poll.state.value:
         store.update_attempt(attempt.id, status=poll.state)
         attempt.status = poll.state.value
-    spent = meter(store, attempt, until=attempt.ended_at if attempt.released else None)
+    stopped_billing = attempt.released or (attempt.ended_at is not None and not provider.bills_until_teardown)
+    spent = meter(store, attempt, until=attempt.ended_at if stopped_billing else None)
     return Observation(attempt, poll, events, spent)
 
 
@@ -99,7 +103,8 @@ def release(store: Store, provider: Provider, attempt: AttemptRow, *, retries: i
     # at its end instead of overlapping it.
     superseded = attempt.ended_at is not None and any(
         a.number > attempt.number for a in store.attempts(attempt.job_name, run=attempt.run))
-    meter(store, attempt, until=attempt.ended_at if superseded else now)
+    stops_at_end = attempt.ended_at is not None and not provider.bills_until_teardown
+    meter(store, attempt, until=attempt.ended_at if superseded or stops_at_end else now)
     store.update_attempt(attempt.id, released=1, ended_at=attempt.ended_at or now)
     attempt.released = 1
 

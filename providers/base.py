@@ -83,12 +83,17 @@ class Poll:
     nodes: int = 0
     #: Whether the resources run on spot capacity.
     spot: bool = False
+    #: When the attempt ended (epoch seconds), if the provider knows; else the first terminal poll's time is used.
+    ended_at: float | None = None
 
 
 class Provider(abc.ABC):
     """Where attempts run. Implementations: ``local``, ``skypilot``."""
 
     name: ClassVar[str]
+    #: Whether an attempt's resources cost money after its workload ends, until ``teardown`` (cloud
+    #: nodes do); when False, spend stops at the attempt's end however late the manager notices it.
+    bills_until_teardown: ClassVar[bool] = True
 
     @abc.abstractmethod
     def launch(self, request: LaunchRequest) -> Handle:

@@ -60,6 +60,8 @@ class LocalProvider(Provider):
     """Runs attempts on this machine. ``python`` is the interpreter for the workload."""
 
     name: ClassVar[str] = "local"
+    #: The "resources" are this machine's process: nothing costs once it has exited.
+    bills_until_teardown: ClassVar[bool] = False
 
     def __init__(self, python: str | None = None, device: str = "auto") -> None:
         self.python = python or sys.executable
@@ -103,15 +105,16 @@ class LocalProvider(Provider):
         if exit_file.exists():
             try:
                 code = int(exit_file.read_text().strip() or "1")
-            except ValueError:
-                code = 1
+                ended = exit_file.stat().st_mtime  # written as the workload exited
+            except (ValueError, OSError):
+                code, ended = 1, None
             if code == 0:
-                return Poll(AttemptState.SUCCEEDED, 0)
+                return Poll(AttemptState.SUCCEEDED, 0, ended_at=ended)
             if code in STOP_CODES:
-                return Poll(AttemptState.STOPPED, code)
+                return Poll(AttemptState.STOPPED, code, ended_at=ended)
             if code in KILLED_CODES:
-                return Poll(AttemptState.PREEMPTED, code, "the workload was killed (SIGKILL)")
-            return Poll(AttemptState.FAILED, code)
+                return Poll(AttemptState.PREEMPTED, code, "the workload was killed (SIGKILL)", ended_at=ended)
+            return Poll(AttemptState.FAILED, code, ended_at=ended)
         if self._running(handle):
             return Poll(AttemptState.RUNNING, nodes=1)
         if exit_file.exists():  # it ended between the two checks

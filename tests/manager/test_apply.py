@@ -119,6 +119,25 @@ def test_detached_job_is_reconciled_by_status(home, standin_python, monkeypatch)
     assert [e["event"] for _, e in store.events("tiny")][-1] == "job_done"
 
 
+def test_an_orphan_found_late_is_billed_to_its_exit_not_to_the_status_call(home, standin_python, monkeypatch):
+    monkeypatch.setenv("STANDIN_STEPS", "5")
+    provider = LocalProvider(python=standin_python)
+    store = Store(paths.db_path())
+    s = spec("resources: {hourly_usd: 36}\n")  # $0.01 a second
+    Controller(store, provider, tick_s=0.05).apply(make_plan(s), s, detach=True)
+    exit_file = home / "jobs" / "tiny" / "logs" / "attempt-1.exit"
+    deadline = time.time() + 30
+    while not exit_file.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    ended = exit_file.stat().st_mtime
+    time.sleep(2.0)  # nobody looks for two seconds
+    job = reconcile_orphaned(store, provider, store.job("tiny"))  # type: ignore[arg-type]
+    assert job.status == JobStatus.SUCCEEDED
+    (attempt,) = store.attempts("tiny")
+    assert attempt.ended_at == pytest.approx(ended, abs=0.01)  # the exit file's time, not the status call's
+    assert store.spend("tiny") == pytest.approx((ended - attempt.started_at) * 0.01, abs=0.002)  # not +$0.02
+
+
 def test_second_apply_attaches_while_running(home, standin_python, monkeypatch):
     monkeypatch.setenv("STANDIN_STEPS", "40")
     provider = LocalProvider(python=standin_python)

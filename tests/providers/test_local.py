@@ -39,7 +39,11 @@ def test_success_exit_code_and_events(standin_python, tmp_path, monkeypatch):
     p = LocalProvider(python=standin_python)
     h = launch(p, tmp_path, monkeypatch, STANDIN_STEPS="5")
     assert p.poll(h).state in (AttemptState.RUNNING, AttemptState.SUCCEEDED)
-    assert wait(p, h) == Poll(AttemptState.SUCCEEDED, 0)
+    before = time.time()
+    poll = wait(p, h)
+    assert (poll.state, poll.exit_code) == (AttemptState.SUCCEEDED, 0)
+    assert poll.ended_at is not None and before - 30 < poll.ended_at <= time.time()  # the exit file's time
+    assert p.poll(h).ended_at == poll.ended_at  # level-based: the same end, however late the poll
     kinds = [e["event"] for e in events(p, h)]
     assert kinds == ["step_started"] + ["progress"] * 5 + ["step_done", "job_done"]
 
@@ -73,7 +77,8 @@ def test_read_log_offsets_give_each_byte_once(standin_python, tmp_path, monkeypa
 def test_failure_is_failed_with_its_code(standin_python, tmp_path, monkeypatch):
     p = LocalProvider(python=standin_python)
     h = launch(p, tmp_path, monkeypatch, STANDIN_STEPS="1", STANDIN_RC="3")
-    assert wait(p, h) == Poll(AttemptState.FAILED, 3)
+    poll = wait(p, h)
+    assert (poll.state, poll.exit_code) == (AttemptState.FAILED, 3)
 
 
 def test_stop_is_graceful(standin_python, tmp_path, monkeypatch):
