@@ -21,6 +21,9 @@ from optjob.specs.errors import StateError
 from .schema import MIGRATIONS, SCHEMA_VERSION
 from .status import JobStatus, Reason
 
+#: How many times ``claim_job`` looks again when the job changes while its owner is checked.
+CLAIM_TRIES = 20
+
 
 @dataclass
 class JobRow:
@@ -75,6 +78,11 @@ class AttemptRow:
     @property
     def handle(self) -> dict[str, Any] | None:
         return json.loads(self.handle_json) if self.handle_json else None
+
+
+def _claim_key(job: JobRow | None) -> tuple[Any, ...] | None:
+    """What an aliveness verdict about ``job`` depends on: its run, owner and whether it has ended."""
+    return None if job is None else (job.run, job.owner_pid, job.status.is_terminal())
 
 
 def _row(cls: type, row: sqlite3.Row) -> Any:
@@ -171,33 +179,42 @@ class Store:
 
         Returns ``(job, attach)``: ``attach`` is True when the job is already
         running under a live owner, in which case nothing was changed and the
-        caller follows it instead of starting a second copy. The check and the
-        write happen in one write transaction, so two concurrent applies of the
-        same name start one job."""
-        now = time.time()
-        with self.tx() as db:
-            row = db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
-            if row is not None:
-                current = _row(JobRow, row)
-                if not current.status.is_terminal() and owner_alive(current):
+        caller follows it instead of starting a second copy. ``owner_alive`` may be
+        slow (it can poll a cloud provider), so it is asked outside the write
+        transaction; the transaction then checks that the job's owner and run are
+        still what was asked about, and looks again if not. So two concurrent
+        applies of the same name start one job, and a slow poll blocks no writer."""
+        for _ in range(CLAIM_TRIES):
+            seen = self.job(name)
+            alive = seen is not None and not seen.status.is_terminal() and bool(owner_alive(seen))
+            now = time.time()
+            with self.tx() as db:
+                row = db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+                current = _row(JobRow, row) if row is not None else None
+                if _claim_key(current) != _claim_key(seen):
+                    continue  # claimed, finished or restarted meanwhile: look again
+                if current is not None and alive:
                     return current, True
-                db.execute(
-                    "UPDATE jobs SET status = ?, reason = NULL, provider = ?, job_dir = ?, spec_path = ?, "
-                    "spec_json = ?, plan_json = ?, run = run + ?, updated_at = ?, started_at = ?, ended_at = NULL, "
-                    "owner_pid = ?, owner_seen = ?, message = NULL WHERE name = ?",
-                    (JobStatus.PENDING.value, provider, job_dir, spec_path, spec_json, plan_json,
-                     1 if current.status.is_terminal() else 0, now, now, os.getpid(), now, name),
-                )
-            else:
-                db.execute(
-                    "INSERT INTO jobs (name, status, provider, job_dir, spec_path, spec_json, plan_json, run, "
-                    "created_at, updated_at, started_at, owner_pid, owner_seen) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)",
-                    (name, JobStatus.PENDING.value, provider, job_dir, spec_path, spec_json, plan_json,
-                     now, now, now, os.getpid(), now),
-                )
-            new = db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
-        return _row(JobRow, new), False
+                if current is not None:
+                    db.execute(
+                        "UPDATE jobs SET status = ?, reason = NULL, provider = ?, job_dir = ?, spec_path = ?, "
+                        "spec_json = ?, plan_json = ?, run = run + ?, updated_at = ?, started_at = ?, "
+                        "ended_at = NULL, owner_pid = ?, owner_seen = ?, message = NULL WHERE name = ?",
+                        (JobStatus.PENDING.value, provider, job_dir, spec_path, spec_json, plan_json,
+                         1 if current.status.is_terminal() else 0, now, now, os.getpid(), now, name),
+                    )
+                else:
+                    db.execute(
+                        "INSERT INTO jobs (name, status, provider, job_dir, spec_path, spec_json, plan_json, run, "
+                        "created_at, updated_at, started_at, owner_pid, owner_seen) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)",
+                        (name, JobStatus.PENDING.value, provider, job_dir, spec_path, spec_json, plan_json,
+                         now, now, now, os.getpid(), now),
+                    )
+                new = db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+            return _row(JobRow, new), False
+        raise StateError(f"could not claim job {name}: it kept changing under {CLAIM_TRIES} tries",
+                         hint="another optjob process is starting and stopping it; try again")
 
     def delete_job(self, name: str) -> None:
         with self.tx() as db:

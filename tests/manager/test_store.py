@@ -109,3 +109,43 @@ def test_concurrent_claims_start_one_job(tmp_path: Path):
         p.join(60)
     attaches = sorted(results.get(timeout=5) for _ in procs)
     assert attaches == [False, True, True, True]
+
+
+def test_a_slow_owner_check_holds_no_write_lock(tmp_path: Path):
+    store = Store(tmp_path / "state.db")
+    _claim(store)  # pending, owned by this process
+
+    def check(job) -> bool:  # as a cloud poll would take its time: meanwhile another process writes
+        other = sqlite3.connect(tmp_path / "state.db", timeout=0.2)
+        try:
+            with other:
+                other.execute("UPDATE jobs SET message = 'written meanwhile' WHERE name = 'job'")
+        finally:
+            other.close()
+        return True
+
+    job, attach = _claim(store, alive=check)
+    assert attach and job.message == "written meanwhile"
+
+
+def test_claim_looks_again_when_the_job_changed_during_the_check(tmp_path: Path):
+    store = Store(tmp_path / "state.db")
+    _claim(store)
+    db = tmp_path / "state.db"
+    con = sqlite3.connect(db)
+    with con:  # its owner died
+        con.execute("UPDATE jobs SET owner_pid = 999999999 WHERE name = 'job'")
+    verdicts: list[int | None] = []
+
+    def check(job) -> bool:
+        verdicts.append(job.owner_pid)
+        if len(verdicts) == 1:  # ... and while we look, another apply claims it
+            with con:
+                con.execute("UPDATE jobs SET owner_pid = 424242 WHERE name = 'job'")
+            return False  # our verdict on the dead owner, now stale
+        return True
+
+    job, attach = _claim(store, alive=check)
+    con.close()
+    assert verdicts == [999999999, 424242]  # asked again about the new owner
+    assert attach and job.owner_pid == 424242 and job.run == 1  # followed it: no second run started
