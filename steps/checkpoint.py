@@ -27,6 +27,14 @@ MANIFEST = "manifest.json"
 KEEP = 2
 #: Called as ``hook(folder, step)`` once a checkpoint is in place (``steps.sync`` uploads it).
 on_checkpoint: list[Callable[[Path, int], None]] = []
+#: Called as ``hook(path)`` when a step's resumable state file changed (hpo: its study after each
+#: trial); ``steps.sync`` uploads it, so a search resumes on a fresh node with its trials.
+on_state: list[Callable[[Path], None]] = []
+
+
+def state_changed(path: Path) -> None:
+    for hook in list(on_state):
+        hook(path)
 _NAME = re.compile(r"^step-(\d{6,})$")
 
 

@@ -1,7 +1,8 @@
 """``hpo``: an Optuna search over the next train/distill step's fields and model.init.
 
 The study lives in ``STEP_DIR/study.db`` (SQLite, named after the job), so a stopped
-search resumes: trials COMPLETE or PRUNED count toward ``trials``. Trials record a
+search resumes: trials COMPLETE or PRUNED count toward ``trials``; with artifact storage the
+study is uploaded after every trial and pulled on a fresh node (``steps.sync``). Trials record a
 heartbeat; on start, a trial left RUNNING by a killed attempt is failed and re-queued
 with the same parameters (``RetryHeartbeatStaleTrialCallback``, optuna 5's name for
 ``RetryFailedTrialCallback``). A trial interrupted by a stop request is re-queued too.
@@ -31,9 +32,12 @@ from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 from torch import nn
 
+from . import checkpoint
 from .context import StepContext, StepOutcome, StopRequested
 
 ARCH = "model.init"
+#: The study's file in the step folder; ``steps.sync`` mirrors it after every trial.
+STUDY_FILE = "study.db"
 HEARTBEAT_S = 10
 GRACE_S = 30
 MAX_RETRY = 3
@@ -142,7 +146,7 @@ def open_study(step: HpoStep, ctx: StepContext) -> optuna.Study:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
         storage = RDBStorage(
-            url=f"sqlite:///{ctx.step_dir() / 'study.db'}",
+            url=f"sqlite:///{ctx.step_dir() / STUDY_FILE}",
             engine_kwargs={"connect_args": {"timeout": 60}},
             heartbeat_interval=HEARTBEAT_S,
             grace_period=GRACE_S,
@@ -281,6 +285,7 @@ def run(ctx: StepContext, step: HpoStep, model: nn.Module) -> StepOutcome:
         rec = trial_record(t)
         ctx.emit("trial", number=rec["number"], params=rec["params"], value=rec["value"],
                  state=rec["state"])
+        checkpoint.state_changed(ctx.step_dir() / STUDY_FILE)
 
     if done < target:
         try:

@@ -10,6 +10,7 @@ step, and ``results.json``. The storage mirrors the job folder::
     PREFIX/steps/NN-KIND/done.json                  written after the model: marks the step done
     PREFIX/steps/NN-KIND/model/...                  complete when its .optjob-manifest.json exists
     PREFIX/steps/NN-KIND/checkpoints/step-NNNNNN/   idem; the newest KEEP are kept
+    PREFIX/steps/NN-KIND/study.db                   hpo: the study, after every trial
 
 A push that fails mid-run is reported on stderr and tried again at the next one (uploads
 skip files already there); only the final push at the end of the job must succeed. Only
@@ -25,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
     from optjob.providers.storage import Storage
 
 ENV = "OPTJOB_STORAGE"
+#: A step's resumable state besides checkpoints (hpo's study), mirrored whole as ``steps/NN-KIND/NAME``.
+STATE_FILES = ("study.db",)
 KEEP = 2  # checkpoints kept in storage per step, as on disk (steps.checkpoint.KEEP)
 _CKPT = re.compile(r"^step-(\d{6,})$")
 _STEP = re.compile(r"^\d{2,}-[a-z_]+$")
@@ -89,7 +93,7 @@ class Sync:
     # -- pull -------------------------------------------------------------------------------------
     def pull(self, *, overwrite_results: bool = False) -> dict[str, Any]:
         """Fetch what the job folder lacks; returns what came (for a log line and tests)."""
-        got: dict[str, Any] = {"steps": [], "checkpoints": [], "results": False}
+        got: dict[str, Any] = {"steps": [], "checkpoints": [], "state": [], "results": False}
         with self._lock():
             keys = self.storage.list_keys("steps")
             names = {k.split("/")[1] for k in keys if k.count("/") >= 2 and _STEP.match(k.split("/")[1])}
@@ -101,6 +105,7 @@ class Sync:
                     continue
                 if (ckpt := self._pull_checkpoint(name)) is not None:  # the step to resume
                     got["checkpoints"].append(f"{name}/{ckpt}")
+                got["state"] = self._pull_state(name, keys)
                 break
             results = self.job_dir / RESULTS_FILE
             if overwrite_results or not results.exists():
@@ -153,6 +158,21 @@ class Sync:
         self._fetch(f"{prefix}/{best}", root / best)
         return best
 
+    def _pull_state(self, name: str, keys: list[str]) -> list[str]:
+        """The step's state files (hpo's study) this folder lacks: a step that has one here is
+        further along than, or as far as, the copy in storage."""
+        got = []
+        for file in STATE_FILES:
+            local = self.job_dir / "steps" / name / file
+            key = f"steps/{name}/{file}"
+            if key in keys and not local.exists() and (data := self.storage.get_bytes(key)) is not None:
+                local.parent.mkdir(parents=True, exist_ok=True)
+                tmp = local.with_name(f".{file}.pull")
+                tmp.write_bytes(data)
+                os.replace(tmp, local)
+                got.append(f"{name}/{file}")
+        return got
+
     def _fetch(self, prefix: str, dest: Path) -> None:
         """Download a complete folder; a new one appears whole (fetched aside, then renamed)."""
         if dest.is_dir():
@@ -192,6 +212,31 @@ class Sync:
                 for key in self.storage.list_keys(f"{prefix}/{name}"):
                     self.storage.delete(key)
 
+    def push_state(self, path: Path) -> None:
+        """``checkpoint.on_state`` hook: upload a consistent copy of a step's state file (SQLite's
+        online backup, so a write in progress cannot tear it). Errors wait for the next trial."""
+        from optjob.specs.errors import ProviderError
+
+        if not _rank0() or path.name not in STATE_FILES:
+            return
+        try:
+            rel = Path(path).resolve().relative_to(self.job_dir.resolve()).as_posix()
+        except ValueError:
+            return
+        snapshot = path.with_name(f".{path.name}.push")
+        try:
+            src, dst = sqlite3.connect(path), sqlite3.connect(snapshot)
+            try:
+                src.backup(dst)
+            finally:
+                src.close()
+                dst.close()
+            self.storage.put_bytes(rel, snapshot.read_bytes())
+        except (ProviderError, sqlite3.Error, OSError) as exc:
+            _say(f"could not upload {rel} ({exc}); the next trial tries again")
+        finally:
+            snapshot.unlink(missing_ok=True)
+
     def push_steps(self, *, final: bool = False) -> None:
         """Upload every finished step storage lacks (model, then done.json), then results.json.
         Errors are reported and left for the next push, except at the end (``final``)."""
@@ -223,16 +268,19 @@ class Sync:
         from . import checkpoint
 
         got = self.pull()
-        if got["steps"] or got["checkpoints"]:
+        if got["steps"] or got["checkpoints"] or got["state"]:
             _say(f"pulled from {self.storage.url}: finished steps {got['steps'] or 'none'}, "
-                 f"checkpoints {got['checkpoints'] or 'none'}")
+                 f"checkpoints {got['checkpoints'] or 'none'}, state {got['state'] or 'none'}")
         checkpoint.on_checkpoint.append(self.push_checkpoint)
+        checkpoint.on_state.append(self.push_state)
 
     def close(self) -> None:
         from . import checkpoint
 
         with contextlib.suppress(ValueError):
             checkpoint.on_checkpoint.remove(self.push_checkpoint)
+        with contextlib.suppress(ValueError):
+            checkpoint.on_state.remove(self.push_state)
 
 
 def from_env(job_dir: Path) -> Sync | None:

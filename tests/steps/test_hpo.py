@@ -186,3 +186,25 @@ def test_median_pruner_stops_a_bad_trial(tmp_path, corpus):
     out = hpo.run(ctx, ctx.step, tiny())
     assert [t["state"] for t in out.extra["trials"]] == ["complete", "complete", "pruned"]
     assert out.metrics["trials_pruned"] == 1
+
+
+def test_a_search_resumes_on_a_fresh_node_from_storage(tmp_path, corpus):
+    from optjob.providers.storage import LocalStorage
+    from optjob.steps.sync import Sync
+
+    storage = LocalStorage(tmp_path / "bucket")  # the S3 code path is tests/steps/test_sync.py's
+    node_a, node_b = tmp_path / "a", tmp_path / "b"
+    sync = Sync(storage, node_a)
+    sync.start()  # as the runner does: registers the upload hooks
+    try:
+        ctx = make_ctx(node_a, make_spec(search(2)), corpus)
+        hpo.run(ctx, ctx.step, tiny())
+    finally:
+        sync.close()
+    assert "steps/00-hpo/study.db" in storage.list_keys()  # uploaded after the trials
+    got = Sync(storage, node_b).pull()  # a fresh node: nothing but the bucket
+    assert got["state"] == ["00-hpo/study.db"]
+    ctx_b = make_ctx(node_b, make_spec(search(3)), corpus)
+    out = hpo.run(ctx_b, ctx_b.step, tiny())
+    assert [t["number"] for t in out.extra["trials"]] == [0, 1, 2]  # two came from node a
+    assert len([e for e, _ in ctx_b.emitter.events if e == "trial"]) == 1

@@ -63,7 +63,7 @@ def test_push_and_pull_mirror_the_job_folder(tmp_path: Path) -> None:
     # A fresh node somewhere else: the finished step comes back, its output rebased to this folder.
     fresh = tmp_path / "node-b" / "optjob-job"
     got = Sync(store, fresh).pull()
-    assert got == {"steps": ["00-train"], "checkpoints": [], "results": True}
+    assert got == {"steps": ["00-train"], "checkpoints": [], "state": [], "results": True}
     pulled = json.loads((step_dir(fresh, 0, "train") / "done.json").read_text())
     assert pulled["output"] == str(step_dir(fresh, 0, "train") / "model")
     assert (step_dir(fresh, 0, "train") / "model" / "weights.bin").read_bytes() == b"m" * 1000
