@@ -19,6 +19,7 @@ from optjob.specs.data import DataSpec
 from optjob.specs.errors import StepError
 from optjob.steps import runner
 from optjob.steps.data import load_text
+from optjob.steps.dry_run import proxy_spec
 from optjob.steps.events import parse_event
 from optjob.steps.layout import JobFile, step_dir
 
@@ -208,7 +209,7 @@ def test_proxy_spec_keeps_every_step_valid() -> None:
             {"evaluate": None},
         ],
     })  # fmt: skip
-    proxy = runner.proxy_spec(spec)
+    proxy = proxy_spec(spec)
     init = proxy.model.init
     assert init is not None and (init.layers, init.hidden, init.heads, init.kv_heads) == (2, 64, 2, 1)
     assert init.vocab == 512 and proxy.data.seq_len == 64 and proxy.data.max_chars == 200_000

@@ -1,0 +1,72 @@
+"""The dry run's proxy: the spec's own pipeline on a tiny model, a slice of the data and a few
+optimizer steps, so every code path of a real run executes in seconds on a laptop CPU."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from optjob.specs import JobSpec
+from optjob.specs.model import ModelInit
+
+from .data import DRY_RUN_CHARS
+from .modeling import model_family
+
+#: What a dry run caps, per step kind: field -> the most it may be.
+_TRAIN_CAPS = {"max_steps": 5, "batch_size": 4, "grad_accum": 2, "checkpoint_every": 2,
+               "log_every": 1, "eval_batches": 2, "eval_every": 2}  # fmt: skip
+DRY_RUN_CAPS: dict[str, dict[str, int]] = {
+    "train": _TRAIN_CAPS,
+    "distill": _TRAIN_CAPS,
+    "prune": {"recover_steps": 5, "batch_size": 4},
+    "hpo": {"trials": 2, "trial_steps": 3},
+    "evaluate": {"max_batches": 2, "batch_size": 4, "latency_repeats": 2, "generate_tokens": 8},
+    "quantize": {"group_size": 32},
+}
+#: The dry run's model: 2 layers, 64 wide, 2 heads, MLP 128, vocab <= 512.
+DRY_RUN_MODEL = {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128}
+
+
+def proxy_spec(spec: JobSpec) -> JobSpec:
+    """The dry-run version of ``spec``: the same pipeline on a tiny model, a slice of the
+    data and a few optimizer steps, so every code path runs in seconds."""
+    d = spec.model_dump(mode="json")
+    init = d["model"]["init"] or {"family": model_family(spec.model), "vocab": 512}
+    kv = init.get("kv_heads")
+    init = {**init, **DRY_RUN_MODEL, "vocab": min(int(init.get("vocab", 512)), 512),
+            "kv_heads": None if kv is None or kv >= init.get("heads", 4) else 1}  # fmt: skip
+    d["model"] = {"init": init, "tokenizer": "builtin"}
+    data = d["data"]
+    if spec.data.kind == "hf":
+        # A laptop rehearsal must not depend on the hub (the model is built from its family too).
+        print(f"dry run: using builtin:python-docs in place of {spec.data.source}", file=sys.stderr, flush=True)
+        data["source"] = "builtin:python-docs"
+    data["max_chars"] = min(data["max_chars"] or DRY_RUN_CHARS, DRY_RUN_CHARS)
+    data["seq_len"] = min(data["seq_len"], 64)
+    for entry in d["steps"]:
+        kind, body = next(iter(entry.items()))
+        if kind == "evaluate" and body["max_batches"] is None:
+            body["max_batches"] = 2
+        for key, cap in DRY_RUN_CAPS.get(kind, {}).items():
+            if body.get(key) is not None:
+                body[key] = min(body[key], cap)
+        if "warmup_steps" in body:
+            body["warmup_steps"] = min(body["warmup_steps"], body["max_steps"])
+        if kind == "distill":
+            _shrink_student(body["student"], spec.model.init)
+    return JobSpec.model_validate(d)
+
+
+def _shrink_student(s: dict[str, Any], teacher: ModelInit | None) -> None:
+    """Keep the student as much smaller than the (now tiny) teacher as it was."""
+
+    def smaller(field: str) -> bool:
+        if teacher is None:
+            return False
+        return bool(s[field] < (teacher.mlp_width if field == "intermediate" else getattr(teacher, field)))
+
+    for field, tiny, full in (("layers", 1, 2), ("heads", 1, 2), ("intermediate", 64, 128)):
+        if s.get(field):
+            s[field] = tiny if smaller(field) else full
+    if s.get("hidden"):
+        s["hidden"] = 32
