@@ -33,9 +33,12 @@ SHARED_CATALOG = (REPO / ".." / "shared" / "skypilot-catalog" / "v8").resolve()
 #: kept between suite runs) so no comparison pays for building it inside a timed region.
 CACHE = Path(os.environ.get("OPTJOB_BENCH_CACHE") or Path.home() / ".cache" / "optjob-bench").expanduser()
 #: Any HTTP(S) request from a SkyPilot process fails at once: the comparisons run offline.
+#: The internet through a dead proxy; loopback direct (SkyPilot 0.14's CLI talks to its own API
+#: server on 127.0.0.1: through the proxy it waits a minute and says the server failed to start).
 OFFLINE = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
            "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
-           "NO_PROXY": "", "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
+           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+           "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
 
 
 @dataclass
