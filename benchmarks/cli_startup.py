@@ -44,16 +44,19 @@ def _sky_launch_dryrun(ctx: Ctx, env: dict[str, str], rounds: int) -> dict[str, 
 
     Offline it needs enabled clouds: SkyPilot's own setters put them in the home's state database
     (``benchmarks/sky_optimize.py --inject``, as the planning comparison does). 0.14's CLI sends the
-    request to a local API server that the first call starts: that call is untimed, the server is
-    stopped at the end."""
+    request to a local API server: it is started first (untimed) and stopped at the end."""
     task = ctx.tmp / "sky-task.yaml"
     task.write_text(TASK_YAML)
     cmd = [SKY, "launch", "--dryrun", "-y", str(task)]
     out = ""
     try:
+        # The server and one request first: on its first request it checks credentials and caches
+        # "no cloud enabled", which would overwrite clouds injected before.
+        run_cmd([SKY, "api", "start"], env=env, timeout=180, check=False)
+        run_cmd(cmd, env=env, timeout=180, check=False)
         run_cmd([PYTHON, "-m", "benchmarks.sky_optimize", str(CLOUD_SPEC), "--inject"], env=env, timeout=300)
         times = []
-        for i in range(rounds + 1):  # the first starts the API server
+        for i in range(rounds + 1):  # the first one untimed
             wall, proc = run_cmd(cmd, env=env, timeout=180, check=False)
             out = proc.stdout + proc.stderr
             if "Considered resources" not in out:
@@ -73,10 +76,10 @@ def _sky_launch_dryrun(ctx: Ctx, env: dict[str, str], rounds: int) -> dict[str, 
                    "instead of None, so every `sky launch` in this environment stops there (optjob calls "
                    "SkyPilot's Python API, not this CLI)")
         return {"works": False, "why": why}
-    after = out.split("Considered resources", 1)[1]
-    tail = [ln.strip() for ln in after.splitlines() if ln.strip()][-1:]
+    after = [ln.strip() for ln in out.split("Considered resources", 1)[1].splitlines() if ln.strip()]
+    errors = [ln for ln in after if "Error" in ln]  # e.g. no rsync here: checked after the plan
     return {"works": True, "wall_s": median(times), "times_s": times, "rounds": len(times),
-            "after_plan": tail[0][:300] if tail else ""}
+            "after_plan": (errors or after[-1:] or [""])[0][:300]}
 
 
 def _click_version() -> str:
