@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import wait_for
 from optjob.steps import checkpoint as ckpt
 from optjob.steps.layout import JobFile, step_dir, write_json_atomic
+from reliability_harness import wait_for
 
 # A child that saves checkpoint 2 and blocks at a chosen point, so the parent SIGKILLs it exactly there.
 SAVER = r"""

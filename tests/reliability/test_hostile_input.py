@@ -14,13 +14,13 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from conftest import Cli, standin_spec, wait_for
 from optjob.manager import paths
 from optjob.manager.apply import resolve_paths
 from optjob.providers.base import LaunchRequest
 from optjob.providers.local import LocalProvider
 from optjob.providers.sky_task import task_config
 from optjob.specs import JobSpec, SpecError, load_spec, loads_spec
+from reliability_harness import Cli, standin_spec, wait_for
 
 GOOD = "name: tiny\nmodel: {init: {layers: 2, hidden: 64, heads: 2, vocab: 512}}\nsteps: [{train: {}}]\n"
 

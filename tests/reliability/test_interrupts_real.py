@@ -10,10 +10,10 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import Cli, log_events, tiny_spec, wait_for
 from optjob.manager.store import Store
 from optjob.steps import checkpoint as ckpt
 from optjob.steps.layout import step_dir
+from reliability_harness import Cli, log_events, tiny_spec, wait_for
 
 TRAIN = "  - train: {max_steps: 200, lr: 3.0e-3, batch_size: 8, checkpoint_every: 1000, log_every: 5, seed: 1}\n"
 

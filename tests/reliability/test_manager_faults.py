@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Cli, log_events, make_standin, pgid_alive, standin_spec, wait_for
 from optjob.manager import commands, paths
 from optjob.manager.apply import Controller, Outcome
 from optjob.manager.plan import make_plan
@@ -23,6 +22,7 @@ from optjob.providers.base import Handle, LaunchRequest
 from optjob.providers.local import LocalProvider
 from optjob.specs import loads_spec
 from optjob.specs.errors import TeardownError
+from reliability_harness import Cli, log_events, make_standin, pgid_alive, standin_spec, wait_for
 
 
 def spec_file(tmp_path: Path, **kw: str) -> str:

@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import Cli, log_events, tiny_spec
 from optjob.manager.store import Store
+from reliability_harness import Cli, log_events, tiny_spec
 
 EVERY = 10
 TRAIN = (f"  - train: {{max_steps: 120, lr: 3.0e-3, batch_size: 8, checkpoint_every: {EVERY}, log_every: 2,"

@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Cli, tiny_spec
 from optjob.providers.sky_task import dump_yaml, task_config
 from optjob.specs import loads_spec
+from reliability_harness import Cli, tiny_spec
 
 SECRET_VARS = ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN",
                "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AZURE_CLIENT_SECRET", "GITHUB_TOKEN", "OPENAI_API_KEY",

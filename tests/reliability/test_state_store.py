@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Cli, standin_spec, wait_for
 from optjob.manager import schema
 from optjob.manager.schema import MIGRATIONS, SCHEMA_VERSION
 from optjob.manager.store import Store
 from optjob.specs.errors import StateError
 from optjob.steps.events import parse_event
+from reliability_harness import Cli, standin_spec, wait_for
 
 
 def spec_file(tmp_path: Path, resources: str = "{cloud: local}") -> str:
