@@ -44,25 +44,23 @@ def _sky_launch_dryrun(ctx: Ctx, env: dict[str, str], rounds: int) -> dict[str, 
 
     Offline it needs enabled clouds: SkyPilot's own setters put them in the home's state database
     (``benchmarks/sky_optimize.py --inject``, as the planning comparison does). 0.14's CLI sends the
-    request to a local API server: it is started first (untimed) and stopped at the end."""
+    request to a local API server: the first, untimed request starts it; it is stopped at the end."""
     task = ctx.tmp / "sky-task.yaml"
     task.write_text(TASK_YAML)
     cmd = [SKY, "launch", "--dryrun", "-y", str(task)]
     out = ""
     try:
-        # The server and one request first: on its first request it checks credentials and caches
-        # "no cloud enabled", which would overwrite clouds injected before.
-        run_cmd([SKY, "api", "start"], env=env, timeout=180, check=False)
+        # One request first, untimed: it starts the API server, which checks credentials and caches
+        # "no cloud enabled" -- that would overwrite clouds injected before it.
         run_cmd(cmd, env=env, timeout=180, check=False)
         run_cmd([PYTHON, "-m", "benchmarks.sky_optimize", str(CLOUD_SPEC), "--inject"], env=env, timeout=300)
         times = []
-        for i in range(rounds + 1):  # the first one untimed
+        for _ in range(rounds):
             wall, proc = run_cmd(cmd, env=env, timeout=180, check=False)
             out = proc.stdout + proc.stderr
             if "Considered resources" not in out:
                 break
-            if i:
-                times.append(wall)
+            times.append(wall)
     except Exception as exc:  # a timeout: it waited for the network
         return {"works": False, "why": f"did not finish ({type(exc).__name__}: {str(exc)[:200]})"}
     finally:
