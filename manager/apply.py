@@ -203,6 +203,7 @@ class Controller:
                 return self._outcome(self.store.job(job.name) or job)
             recoveries = 0
             while True:
+                handle = Handle.from_json(attempt.handle or {})
                 obs = observe(self.store, self.provider, job, attempt)
                 for event in obs.events:
                     self.reporter.event(event)
@@ -229,8 +230,8 @@ class Controller:
                     stop_reason = Reason.BUDGET
                     self.reporter.status(f"budget: {why}; checkpointing and stopping")
                     self.store.update_job(job.name, status=JobStatus.STOPPING, message=why)
-                    self.provider.stop(Handle.from_json(attempt.handle or {}))
-                self.provider.wait(Handle.from_json(attempt.handle or {}), self.tick_s)
+                    self.provider.stop(handle)
+                self.provider.wait(handle, self.tick_s)
         except KeyboardInterrupt:
             return self._interrupt(job)
 

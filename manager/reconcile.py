@@ -79,9 +79,14 @@ def observe(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow) 
     elif not poll.state.is_terminal() and attempt.status != poll.state.value:
         store.update_attempt(attempt.id, status=poll.state)
         attempt.status = poll.state.value
-    stopped_billing = attempt.released or (attempt.ended_at is not None and not provider.bills_until_teardown)
-    spent = meter(store, attempt, until=attempt.ended_at if stopped_billing else None)
+    spent = meter(store, attempt, until=attempt.ended_at if attempt.released or _billed_to_end(provider, attempt)
+                  else None)
     return Observation(attempt, poll, events, spent)
+
+
+def _billed_to_end(provider: Provider, attempt: AttemptRow) -> bool:
+    """The attempt has ended and its provider charges nothing after that (local): spend stops there."""
+    return attempt.ended_at is not None and not provider.bills_until_teardown
 
 
 def release(store: Store, provider: Provider, attempt: AttemptRow, *, retries: int = 5, backoff_s: float = 1.0) -> None:
@@ -103,8 +108,7 @@ def release(store: Store, provider: Provider, attempt: AttemptRow, *, retries: i
     # at its end instead of overlapping it.
     superseded = attempt.ended_at is not None and any(
         a.number > attempt.number for a in store.attempts(attempt.job_name, run=attempt.run))
-    stops_at_end = attempt.ended_at is not None and not provider.bills_until_teardown
-    meter(store, attempt, until=attempt.ended_at if superseded or stops_at_end else now)
+    meter(store, attempt, until=attempt.ended_at if superseded or _billed_to_end(provider, attempt) else now)
     store.update_attempt(attempt.id, released=1, ended_at=attempt.ended_at or now)
     attempt.released = 1
 

@@ -109,12 +109,14 @@ class LocalProvider(Provider):
             except (ValueError, OSError):
                 code, ended = 1, None
             if code == 0:
-                return Poll(AttemptState.SUCCEEDED, 0, ended_at=ended)
-            if code in STOP_CODES:
-                return Poll(AttemptState.STOPPED, code, ended_at=ended)
-            if code in KILLED_CODES:
-                return Poll(AttemptState.PREEMPTED, code, "the workload was killed (SIGKILL)", ended_at=ended)
-            return Poll(AttemptState.FAILED, code, ended_at=ended)
+                state, detail = AttemptState.SUCCEEDED, ""
+            elif code in STOP_CODES:
+                state, detail = AttemptState.STOPPED, ""
+            elif code in KILLED_CODES:
+                state, detail = AttemptState.PREEMPTED, "the workload was killed (SIGKILL)"
+            else:
+                state, detail = AttemptState.FAILED, ""
+            return Poll(state, code, detail, ended_at=ended)
         if self._running(handle):
             return Poll(AttemptState.RUNNING, nodes=1)
         if exit_file.exists():  # it ended between the two checks

@@ -30,12 +30,13 @@ on_checkpoint: list[Callable[[Path, int], None]] = []
 #: Called as ``hook(path)`` when a step's resumable state file changed (hpo: its study after each
 #: trial); ``steps.sync`` uploads it, so a search resumes on a fresh node with its trials.
 on_state: list[Callable[[Path], None]] = []
+_NAME = re.compile(r"^step-(\d{6,})$")
 
 
 def state_changed(path: Path) -> None:
+    """Tell the ``on_state`` hooks that ``path`` changed."""
     for hook in list(on_state):
         hook(path)
-_NAME = re.compile(r"^step-(\d{6,})$")
 
 
 def checkpoint_name(step: int) -> str:

@@ -21,6 +21,8 @@ from optjob.specs import JobSpec
 from optjob.specs.data import DataSpec
 from optjob.specs.errors import StepError
 
+from .layout import write_bytes_atomic
+
 #: Characters of text a dry run uses at most.
 DRY_RUN_CHARS = 200_000
 #: Stdlib folders whose docstrings are not prose worth training on.
@@ -123,7 +125,7 @@ def python_docs(cache_dir: Path) -> str:
                 if doc and len(doc) > 200:
                     parts.append(doc)
     text = "\n\n".join(parts)
-    _write_atomic(path, text.encode("utf-8"))
+    write_bytes_atomic(path, text.encode("utf-8"))
     return text
 
 
@@ -249,9 +251,3 @@ def _tokenizer_identity(tokenizer: Any) -> str:
         return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
     return f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

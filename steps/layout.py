@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,13 +71,22 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` so a reader sees the old file or the new one, never half of one."""
+    return _write_atomic(path, "wb", lambda f: f.write(data))
+
+
 def write_json_atomic(path: Path, data: Any) -> Path:
-    """Write JSON so a reader sees the old file or the new one, never half of one."""
+    """Write JSON atomically, as ``write_bytes_atomic`` (serialized straight into the temporary file)."""
+    return _write_atomic(path, "w", lambda f: json.dump(data, f, indent=2, default=str))
+
+
+def _write_atomic(path: Path, mode: str, write: Callable[[Any], object]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from .layout import RESULTS_FILE, write_json_atomic
+from .layout import RESULTS_FILE, write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from optjob.providers.storage import Storage
@@ -166,10 +166,7 @@ class Sync:
             local = self.job_dir / "steps" / name / file
             key = f"steps/{name}/{file}"
             if key in keys and not local.exists() and (data := self.storage.get_bytes(key)) is not None:
-                local.parent.mkdir(parents=True, exist_ok=True)
-                tmp = local.with_name(f".{file}.pull")
-                tmp.write_bytes(data)
-                os.replace(tmp, local)
+                write_bytes_atomic(local, data)
                 got.append(f"{name}/{file}")
         return got
 
