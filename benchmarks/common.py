@@ -28,7 +28,7 @@ VENV_BIN = Path(sys.executable).parent
 OPTJOB = str(VENV_BIN / "optjob")
 SKY = str(VENV_BIN / "sky")
 PYTHON = sys.executable
-SHARED_CATALOG = (REPO / ".." / "shared" / "skypilot-catalog" / "v8").resolve()
+CATALOG_V8 = (REPO / "tests" / "data" / "skypilot-catalog" / "v8").resolve()
 #: Cache of the built-in corpus, tokenizers and tokenized data, shared by every comparison (and
 #: kept between suite runs) so no comparison pays for building it inside a timed region.
 CACHE = Path(os.environ.get("OPTJOB_BENCH_CACHE") or Path.home() / ".cache" / "optjob-bench").expanduser()
@@ -171,15 +171,15 @@ def warm_cache(spec_path: Path) -> None:
 
 @contextmanager
 def sky_home(parent: Path) -> Iterator[Path | None]:
-    """A temporary home whose ``~/.sky/catalogs/v8`` is a copy of the shared SkyPilot catalog
-    (None when this checkout has no ``../shared/skypilot-catalog/v8``). A copied catalog has no
+    """A temporary home whose ``~/.sky/catalogs/v8`` is a copy of the SkyPilot catalog subset the repository carries
+    (None when this checkout lacks ``tests/data/skypilot-catalog/v8``). A copied catalog has no
     ``.meta/*.md5``, which SkyPilot reads as "edited by hand": it never re-downloads it."""
-    if not (SHARED_CATALOG / "aws" / "vms.csv").is_file():
+    if not (CATALOG_V8 / "aws" / "vms.csv").is_file():
         yield None
         return
     home = Path(tempfile.mkdtemp(prefix="skyhome-", dir=parent))
     (home / ".sky" / "catalogs").mkdir(parents=True)
-    shutil.copytree(SHARED_CATALOG, home / ".sky" / "catalogs" / "v8")
+    shutil.copytree(CATALOG_V8, home / ".sky" / "catalogs" / "v8")
     try:
         yield home
     finally:

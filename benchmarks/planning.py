@@ -10,7 +10,7 @@ from .common import (
     OPTJOB,
     PYTHON,
     REPO,
-    SHARED_CATALOG,
+    CATALOG_V8,
     Ctx,
     base_env,
     interleave,
@@ -25,7 +25,7 @@ from .common import (
 
 NAME = "planning"
 TITLE = "Planning"
-MEASURES = ("Wall time of `optjob plan examples/cloud-a100-spot.yaml` (catalog: `../shared/skypilot-catalog/v8`) "
+MEASURES = ("Wall time of `optjob plan examples/cloud-a100-spot.yaml` (catalog: `tests/data/skypilot-catalog/v8`) "
             "against a fresh process running SkyPilot's `Optimizer.optimize` on a `sky.Dag` with the same "
             "accelerators and spot request against the same catalog (temporary SkyPilot home, enabled clouds "
             "injected into SkyPilot's cache: see `benchmarks/sky_optimize.py`). Then the whole-spec cost of "
@@ -53,13 +53,13 @@ def _sky_total(offer: dict[str, Any]) -> dict[str, Any]:
 
 def run(ctx: Ctx) -> dict[str, Any]:
     rounds, warmup = (1, 0) if ctx.quick else (4, 1)
-    catalog = SHARED_CATALOG if (SHARED_CATALOG / "aws" / "vms.csv").is_file() else None
+    catalog = CATALOG_V8 if (CATALOG_V8 / "aws" / "vms.csv").is_file() else None
     extra = {"OPTJOB_CATALOG_DIR": str(catalog)} if catalog else {}
     env = base_env(OPTJOB_HOME=str(ctx.mkdtemp("home-")), **extra)
     plan_cmd = [OPTJOB, "plan", str(SPEC), "--json"]
     notes: list[str] = []
     if catalog is None:
-        notes.append(f"no shared catalog at {SHARED_CATALOG}: optjob used its bundled snapshot, SkyPilot not run")
+        notes.append(f"no catalog at {CATALOG_V8}: optjob used its bundled snapshot, SkyPilot not run")
     import importlib.util
 
     if importlib.util.find_spec("sky") is None:

@@ -79,7 +79,7 @@ def test_list_empty(tmp_path: Path):
     assert json.loads(run("list", "--json", home=tmp_path, check_rc=0).stdout) == []
 
 
-CATALOG = ROOT.parent / "shared" / "skypilot-catalog" / "v8"
+CATALOG = ROOT / "tests" / "data" / "skypilot-catalog" / "v8"
 
 
 def test_plan_over_budget_exits_3_and_says_by_how_much(tmp_path: Path):

@@ -1,4 +1,5 @@
-"""The shared SkyPilot catalog subset beside the repository (CI and sessions have it)."""
+"""The SkyPilot catalog subset the repository carries (tests/data/skypilot-catalog/v8, a verbatim
+copy of the workplace subset; see its README for the upstream commits)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+CATALOG = Path(__file__).resolve().parents[2] / "data" / "skypilot-catalog" / "v8"
 
 
 @pytest.fixture(scope="module")
 def v8() -> Path:
-    for base in (REPO.parent / "shared", REPO / "shared"):
-        path = (base / "skypilot-catalog" / "v8").resolve()
-        if path.is_dir():
-            return path
-    pytest.fail("shared/skypilot-catalog/v8 is not beside the repository (CI and sessions have it)")
+    return CATALOG

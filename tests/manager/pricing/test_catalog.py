@@ -1,4 +1,4 @@
-"""Catalog reading (SkyPilot v8 quirks) and the bundled snapshot, on the shared catalog subset."""
+"""Catalog reading (SkyPilot v8 quirks) and the bundled snapshot, on the catalog subset in tests/data."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_snapshot_round_trip_gives_the_same_offers(v8: Path, tmp_path: Path, kw:
     assert _key(find_offers(res, small)) == _key(offers)
 
 
-def test_bundled_snapshot_is_built_from_the_shared_catalog(v8: Path) -> None:
+def test_bundled_snapshot_is_built_from_the_catalog_subset(v8: Path) -> None:
     with open(BUNDLED, newline="") as fh:
         reader = csv.DictReader(fh)
         assert tuple(reader.fieldnames or ()) == COLUMNS

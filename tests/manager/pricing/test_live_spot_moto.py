@@ -15,7 +15,7 @@ import pytest
 from optjob.manager.pricing import spot_live
 
 ROOT = Path(__file__).resolve().parents[3]
-CATALOG = ROOT.parent / "shared" / "skypilot-catalog" / "v8"
+CATALOG = ROOT / "tests" / "data" / "skypilot-catalog" / "v8"
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Offer search against the shared SkyPilot catalog subset, and live spot prices without AWS."""
+"""Offer search against the SkyPilot catalog subset in tests/data, and live spot prices without AWS."""
 
 from __future__ import annotations
 
