@@ -25,7 +25,7 @@ NAME = "cli_startup"
 TITLE = "CLI start-up"
 MEASURES = ("Wall time of `optjob --help` and `optjob validate examples/quickstart.yaml` against `sky --help` "
             "(fresh processes, interleaved; SkyPilot in a temporary home, offline). Also `sky launch --dryrun` "
-            "(full run only) with the catalog subset in tests/data as `~/.sky/catalogs/v8` and enabled clouds injected with "
+            "(full run only) with tests/data's catalog as `~/.sky/catalogs/v8` and enabled clouds injected with "
             "SkyPilot's own setters, timed up to its plan with its API server already running.")
 GOAL = "optjob >= 5x faster than sky; optjob --help and validate median < 0.3 s"
 

@@ -7,10 +7,10 @@ import json
 from typing import Any
 
 from .common import (
+    CATALOG_V8,
     OPTJOB,
     PYTHON,
     REPO,
-    CATALOG_V8,
     Ctx,
     base_env,
     interleave,

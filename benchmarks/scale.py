@@ -92,7 +92,7 @@ def ingest_rate(db_path: Path, batches: int, batch: int = 50) -> float:
 
 def prepare(home: Path, jobs: int, events_per_job: int, batches: int, spec_path: Path) -> dict[str, Any]:
     """In a child process: fill the store, measure ingestion; (the CLI timings run afterwards)."""
-    from optjob.manager.plan import make_plan
+    from optjob.manager.planner import make_plan
     from optjob.specs import load_spec
 
     spec = load_spec(spec_path)

@@ -1,4 +1,5 @@
-"""The ``optjob`` command line. One small function per command; heavy imports inside them.
+"""The ``optjob`` command line: a thin click layer. Each command's work is in ``commands/<name>.py``,
+imported inside the command, so ``--help`` loads neither pydantic models nor rich.
 
 Errors are rendered in one place, ``main``: one line per problem, exit code from
 the error class (see ``optjob.specs.errors``), traceback only with ``--debug``.
@@ -66,7 +67,7 @@ def schema() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(spec: str, local: bool, as_json: bool) -> None:
     """Show what apply would do: resources, steps, cost to complete, budget."""
-    from .commands import plan_command
+    from .commands.plan import plan_command
 
     plan_command(spec, local=local, as_json=as_json)
 
@@ -84,7 +85,7 @@ def plan(spec: str, local: bool, as_json: bool) -> None:
 def apply(spec: str, local: bool, dry_run: bool, yes: bool, detach: bool, as_json: bool, kills: int,
           preemption_seed: int) -> None:
     """Validate, plan, provision, run every step, tear down, report."""
-    from .commands import apply_command
+    from .commands.apply import apply_command
 
     apply_command(spec, local=local, dry_run=dry_run, yes=yes, detach=detach, as_json=as_json,
                   kills=kills, preemption_seed=preemption_seed)
@@ -95,7 +96,7 @@ def apply(spec: str, local: bool, dry_run: bool, yes: bool, detach: bool, as_jso
 @click.option("--json", "as_json", is_flag=True)
 def status(name: str | None, as_json: bool) -> None:
     """Phase, step, elapsed time and spend of one job (or all)."""
-    from .commands import status_command
+    from .commands.status import status_command
 
     status_command(name, as_json=as_json)
 
@@ -104,10 +105,11 @@ def status(name: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def list_(as_json: bool) -> None:
     """Every job optjob knows (and any cloud cluster left behind by a finished one)."""
-    from .commands import open_store, status_command
+    from .commands.orphans import warn_orphans
+    from .commands.status import status_command
+    from .store import open_store
 
     status_command(None, as_json=as_json)
-    from .cloud_commands import warn_orphans
 
     warn_orphans(open_store())  # only if a job ran on SkyPilot and its API server answers quickly
 
@@ -117,7 +119,7 @@ def list_(as_json: bool) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
 def logs(name: str, follow: bool) -> None:
     """Print a job's workload output, every attempt in order."""
-    from .commands import logs_command
+    from .commands.logs import logs_command
 
     logs_command(name, follow=follow)
 
@@ -130,11 +132,11 @@ def down(name: str | None, orphans: bool) -> None:
     if orphans == (name is not None):
         raise click.UsageError("give a job NAME, or --orphans")
     if orphans:
-        from .cloud_commands import down_orphans_command
+        from .commands.orphans import down_orphans_command
 
         down_orphans_command()
         return
-    from .commands import down_command
+    from .commands.down import down_command
 
     assert name is not None
     down_command(name)
@@ -144,7 +146,7 @@ def down(name: str | None, orphans: bool) -> None:
 @click.argument("name")
 def pull(name: str) -> None:
     """Copy a job's artifacts from storage.artifacts (s3://... or a folder) into its job folder."""
-    from .cloud_commands import pull_command
+    from .commands.pull import pull_command
 
     pull_command(name)
 
@@ -154,7 +156,7 @@ def pull(name: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def report(name: str, as_json: bool) -> None:
     """Write (and print the path of) the job's comparison report."""
-    from .commands import report_command
+    from .commands.report import report_command
 
     report_command(name, as_json=as_json)
 
@@ -171,7 +173,7 @@ def prices(ctx: click.Context, gpu: str | None, spot: bool, cloud: str, region: 
            as_json: bool) -> None:
     """List offers from the price catalog, cheapest first."""
     if ctx.invoked_subcommand is None:
-        from .money import prices_command
+        from .commands.prices import prices_command
 
         prices_command(gpu, spot, cloud, region, limit, as_json)
 
@@ -179,7 +181,7 @@ def prices(ctx: click.Context, gpu: str | None, spot: bool, cloud: str, region: 
 @prices.command("refresh")
 def prices_refresh() -> None:
     """Rebuild the local price cache from SkyPilot's catalog."""
-    from .money import refresh_command
+    from .commands.prices import refresh_command
 
     refresh_command()
 
@@ -189,7 +191,7 @@ def prices_refresh() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def cost(name: str | None, as_json: bool) -> None:
     """Spend per job and per attempt, beside the estimate."""
-    from .money import cost_command
+    from .commands.cost import cost_command
 
     cost_command(name, as_json)
 

@@ -19,8 +19,8 @@ from optjob.providers.base import AttemptState, Handle, Poll, Provider
 from optjob.specs.errors import TeardownError
 from optjob.steps.events import parse_event
 
+from .job_states import JobStatus, Reason
 from .meter import meter
-from .status import JobStatus, Reason
 from .store import AttemptRow, JobRow, Store
 
 

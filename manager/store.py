@@ -18,8 +18,9 @@ from typing import Any
 
 from optjob.specs.errors import StateError
 
-from .schema import MIGRATIONS, SCHEMA_VERSION
-from .status import JobStatus, Reason
+from . import paths
+from .job_states import JobStatus, Reason
+from .store_schema import MIGRATIONS, SCHEMA_VERSION
 
 #: How many times ``claim_job`` looks again when the job changes while its owner is checked.
 CLAIM_TRIES = 20
@@ -351,3 +352,8 @@ class Store:
 
     def calibration(self) -> list[sqlite3.Row]:
         return list(self.db.execute("SELECT * FROM calibration ORDER BY ts"))
+
+
+def open_store() -> Store:
+    """The state store of this ``OPTJOB_HOME``."""
+    return Store(paths.db_path())

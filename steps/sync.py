@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from .layout import RESULTS_FILE, write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
-    from optjob.providers.storage import Storage
+    from optjob.steps.storage import Storage
 
 ENV = "OPTJOB_STORAGE"
 #: A step's resumable state besides checkpoints (hpo's study), mirrored whole as ``steps/NN-KIND/NAME``.
@@ -54,7 +54,7 @@ def _rank0() -> bool:
 
 
 def _sha256(path: Path) -> str:
-    from optjob.providers.storage import sha256_file
+    from optjob.steps.storage import sha256_file
 
     return sha256_file(path)
 
@@ -129,7 +129,7 @@ class Sync:
 
     def _pull_step(self, name: str, keys: list[str]) -> bool:
         """A finished step: its model (if it made one), then its done.json. False if not finished."""
-        from optjob.providers.storage import MANIFEST
+        from optjob.steps.storage import MANIFEST
 
         local = self.job_dir / "steps" / name
         data = self.storage.get_bytes(f"steps/{name}/done.json")
@@ -203,7 +203,7 @@ class Sync:
         newest = sorted(complete, key=_ckpt_step)[-KEEP:]
         for name in complete:
             if name not in keep and name not in newest:
-                from optjob.providers.storage import MANIFEST
+                from optjob.steps.storage import MANIFEST
 
                 self.storage.delete(f"{prefix}/{name}/{MANIFEST}")  # incomplete first, then gone
                 for key in self.storage.list_keys(f"{prefix}/{name}"):
@@ -289,6 +289,6 @@ def from_env(job_dir: Path) -> Sync | None:
     if not url.startswith("s3://"):
         _say(f"{ENV}={url} is not s3://bucket/prefix: checkpoints stay on this node")
         return None
-    from optjob.providers.storage import S3Storage
+    from optjob.steps.storage import S3Storage
 
     return Sync(S3Storage(url), job_dir)

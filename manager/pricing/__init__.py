@@ -14,7 +14,7 @@ Nothing here imports boto3 at module level (``spot_live`` does, lazily) nor torc
 
 from .accelerators import CPU_TFLOPS, node_peak_flops, peak_tflops
 from .calibration import RunRecord, calibrated_efficiency, tokens_per_second
-from .catalog import SUPPORTED_CLOUDS, Catalog, CatalogRow, catalog_dir, load_catalog
+from .catalog import SUPPORTED_CLOUDS, Catalog, CatalogRow
 from .estimate import (
     DEFAULT_EFFICIENCY,
     Estimate,
@@ -25,7 +25,8 @@ from .estimate import (
     workload,
 )
 from .offers import Offer, PlanChoice, choose, find_offers
-from .snapshot import build_snapshot, load_snapshot, refresh
+from .snapshot import build_snapshot, load_snapshot
+from .sources import catalog_dir, current_catalog, load_catalog, refresh
 
 __all__ = [
     "CPU_TFLOPS",
@@ -42,6 +43,7 @@ __all__ = [
     "calibrated_efficiency",
     "catalog_dir",
     "choose",
+    "current_catalog",
     "estimate",
     "find_offers",
     "load_catalog",

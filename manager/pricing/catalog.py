@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -117,46 +116,6 @@ class Catalog:
 
     def __repr__(self) -> str:
         return f"Catalog({self.source!r})"
-
-
-def catalog_dir() -> Path | None:
-    """``$OPTJOB_CATALOG_DIR``, else SkyPilot's ``~/.sky/catalogs/v8`` if present, else None
-    (meaning: use the snapshot bundled with optjob)."""
-    env = os.environ.get("OPTJOB_CATALOG_DIR")
-    if env:
-        return Path(env).expanduser()
-    sky = Path.home() / ".sky" / "catalogs" / "v8"
-    return sky if sky.is_dir() else None
-
-
-def load_catalog(path: str | os.PathLike[str] | None = None) -> Catalog:
-    """A catalog folder (``.../v8``), a snapshot CSV file, or None for :func:`catalog_dir`.
-
-    SkyPilot downloads a cloud's file the first time that cloud is used, so a folder may lack some
-    clouds: those are priced from the bundled snapshot (``Catalog.fallback_clouds`` lists them).
-    """
-    from .snapshot import load_snapshot
-
-    where = Path(path).expanduser() if path is not None else catalog_dir()
-    if where is None or where.is_file():
-        snap, date = load_snapshot(where)
-        return Catalog.from_rows(snap, source=str(where or "bundled snapshot"), snapshot_date=date)
-    if not where.is_dir():
-        raise FileNotFoundError(f"no SkyPilot catalog folder at {where}")
-    bundled: list[Catalog] = []
-
-    def read(cloud: str) -> list[CatalogRow]:
-        if (where / cloud / "vms.csv").is_file():
-            return read_vms(where / cloud / "vms.csv", cloud)
-        if not bundled:
-            rows, day = load_snapshot()
-            bundled.append(Catalog.from_rows(rows, "bundled snapshot", day))
-        return bundled[0].rows(cloud)
-
-    cat = Catalog(str(where), read, SUPPORTED_CLOUDS)
-    cat.fallback_clouds = tuple(c for c in SUPPORTED_CLOUDS
-                                if not (where / c / "vms.csv").is_file())
-    return cat
 
 
 def _num(text: str | None) -> float | None:

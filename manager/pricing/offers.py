@@ -11,7 +11,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .accelerators import normalize
-from .catalog import SUPPORTED_CLOUDS, Catalog, CatalogRow, load_catalog
+from .catalog import SUPPORTED_CLOUDS, Catalog, CatalogRow
+from .sources import load_catalog
 
 if TYPE_CHECKING:
     from optjob.specs.job import JobSpec

@@ -5,7 +5,7 @@ Used when neither ``$OPTJOB_CATALOG_DIR`` nor SkyPilot's ``~/.sky/catalogs/v8`` 
 accelerator): the cheapest on-demand and the cheapest spot price over that region's zones, with
 GCP GPU rows already combined with their host VM (see ``catalog.py``).
 
-Regenerate the shipped file with ``refresh(BUNDLED, "/path/to/catalogs/v8")``.
+Regenerate the shipped file with ``sources.refresh(BUNDLED, "/path/to/catalogs/v8")``.
 """
 
 from __future__ import annotations
@@ -99,21 +99,6 @@ def download_catalog(dest_dir: str | os.PathLike[str], timeout: float = 60.0) ->
         with urllib.request.urlopen(f"{CATALOG_URL}/{cloud}/vms.csv", timeout=timeout) as resp:
             (root / cloud / "vms.csv").write_bytes(resp.read())
     return root
-
-
-def refresh(dest: str | os.PathLike[str], catalog_dir: str | os.PathLike[str] | None = None,
-            *, download: bool = True) -> Path:
-    """``optjob prices refresh``: rebuild a snapshot at ``dest`` from ``catalog_dir``, else from
-    :func:`catalog.catalog_dir`, else (``download``) from SkyPilot's catalog on GitHub."""
-    from .catalog import catalog_dir as resolve
-
-    source = Path(catalog_dir) if catalog_dir is not None else resolve()
-    if source is not None:
-        return write_snapshot(build_snapshot(source), dest)
-    if not download:
-        raise FileNotFoundError("no SkyPilot catalog folder (set OPTJOB_CATALOG_DIR)")
-    with tempfile.TemporaryDirectory(prefix="optjob-catalog-") as tmp:
-        return write_snapshot(build_snapshot(download_catalog(tmp)), dest)
 
 
 def load_snapshot(

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from optjob.manager import paths
-from optjob.manager.apply import Controller
-from optjob.manager.plan import make_plan
+from optjob.manager.controller import Controller
+from optjob.manager.job_states import JobStatus, Reason
+from optjob.manager.planner import make_plan
 from optjob.manager.reconcile import reconcile_orphaned
-from optjob.manager.status import JobStatus, Reason
 from optjob.manager.store import Store
 from optjob.providers.local import LocalProvider
 from optjob.specs import loads_spec

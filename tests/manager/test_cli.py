@@ -24,7 +24,8 @@ def run(*args: str, home: Path, check_rc: int | None = None, env: dict | None = 
 
 
 def test_cli_import_stays_light():
-    code = ("import sys, optjob.manager.cli, optjob.manager.commands, optjob.manager.apply, optjob.manager.plan;"
+    code = ("import sys, optjob.manager.cli, optjob.manager.commands.apply, optjob.manager.commands.status,"
+            " optjob.manager.controller, optjob.manager.planner;"
             "heavy = [m for m in ('torch', 'transformers', 'sky', 'boto3', 'optuna', 'matplotlib')"
             " if m in sys.modules];"
             "print(heavy)")

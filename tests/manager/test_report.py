@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 from optjob.manager import paths
+from optjob.manager.job_states import JobStatus, Reason
 from optjob.manager.report import report_data, write_report
-from optjob.manager.report_html import plot_all
-from optjob.manager.report_svg import fmt, log_ticks, nice_step, nice_ticks
-from optjob.manager.status import JobStatus, Reason
+from optjob.manager.report.svg import fmt, log_ticks, nice_step, nice_ticks, plot_all
 from optjob.manager.store import Store
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -235,7 +234,7 @@ def test_workload_shaped_results(store: Store) -> None:
 
 
 def test_attempts_table_says_why_each_attempt_ended(tmp_path, monkeypatch):
-    from optjob.manager.report import ATTEMPT_HEADERS, attempt_cells
+    from optjob.manager.report.text import ATTEMPT_HEADERS, attempt_cells
 
     row = {"number": 1, "status": "preempted", "exit_code": 137, "duration_s": 3.0, "hourly_usd": 0.1, "nodes": 1,
            "spot": True, "usd": 0.001,

@@ -7,9 +7,9 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from optjob.manager.schema import SCHEMA_VERSION
-from optjob.manager.status import JobStatus, Reason
+from optjob.manager.job_states import JobStatus, Reason
 from optjob.manager.store import Store
+from optjob.manager.store_schema import SCHEMA_VERSION
 from optjob.specs.errors import StateError
 
 

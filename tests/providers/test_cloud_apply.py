@@ -23,12 +23,14 @@ from typing import Any
 
 import pytest
 from fake_sky import BUCKET, FakeCluster, FakeSky, make_spec
-from optjob.manager import cloud_commands, paths
-from optjob.manager.apply import Controller, Outcome
+from optjob.manager import paths
+from optjob.manager.commands import orphans as cloud_commands
+from optjob.manager.controller import Controller, Outcome
+from optjob.manager.job_states import JobStatus, Reason
 from optjob.manager.meter import STOP_MARGIN_S
-from optjob.manager.plan import Plan, make_plan
+from optjob.manager.plan import Plan
+from optjob.manager.planner import make_plan
 from optjob.manager.reconcile import reconcile_orphaned
-from optjob.manager.status import JobStatus, Reason
 from optjob.manager.store import Store
 from optjob.providers.skypilot import SkyPilotProvider
 from optjob.specs import JobSpec

@@ -15,7 +15,7 @@ import sys
 def main() -> None:
     standin = os.environ.get("OPTJOB_TEST_STANDIN")
     if standin:
-        import optjob.manager.commands as commands
+        import optjob.manager.commands.common as commands
         from optjob.providers.local import LocalProvider
 
         real = commands.provider_for

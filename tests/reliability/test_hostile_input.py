@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from optjob.manager import paths
-from optjob.manager.apply import resolve_paths
+from optjob.manager.controller import resolve_paths
 from optjob.providers.base import LaunchRequest
 from optjob.providers.local import LocalProvider
 from optjob.providers.sky_task import task_config

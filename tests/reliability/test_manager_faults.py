@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from optjob.manager import commands, paths
-from optjob.manager.apply import Controller, Outcome
-from optjob.manager.plan import make_plan
-from optjob.manager.status import JobStatus, Reason
+from optjob.manager import paths
+from optjob.manager.commands import common, down
+from optjob.manager.commands import status as status_cmd
+from optjob.manager.controller import Controller, Outcome
+from optjob.manager.job_states import JobStatus, Reason
+from optjob.manager.planner import make_plan
 from optjob.manager.store import Store
 from optjob.providers.base import Handle, LaunchRequest
 from optjob.providers.local import LocalProvider
@@ -236,15 +238,15 @@ def test_teardown_that_never_succeeds_leaves_the_job_unreleased_until_down(
     assert broken.calls == 5
     store.update_job("tiny", owner_pid=None)  # as after the CLI exited with that error
     # `status` shows the job (and the problem) without failing, and still does not mark it done.
-    monkeypatch.setattr(commands, "provider_for", lambda name: broken)
-    commands.status_command(None, as_json=True)
+    monkeypatch.setattr(common, "provider_for", lambda name: broken)
+    status_cmd.status_command(None, as_json=True)
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["name"] == "tiny" and rows[0]["status"] not in ("succeeded", "failed", "stopped")
     assert "try again" in rows[0]["message"] and "optjob down tiny" in rows[0]["message"]
     # Once the provider answers again, `down` releases it and records how the job really ended.
     healed = FailingTeardown(standin, failures=0)
-    monkeypatch.setattr(commands, "provider_for", lambda name: healed)
-    commands.down_command("tiny")
+    monkeypatch.setattr(common, "provider_for", lambda name: healed)
+    down.down_command("tiny")
     store = Store(paths.db_path())
     assert store.attempts("tiny")[0].released == 1
     job = store.job("tiny")
@@ -255,7 +257,7 @@ def test_teardown_failure_reaches_the_cli_as_one_line(tmp_path: Path, standin_cl
     """Through the CLI: exit 1 and a hint to retry `optjob down`."""
     driver = tmp_path / "broken_driver.py"
     driver.write_text(
-        "import sys\nimport optjob.manager.commands as c\nfrom optjob.providers.local import LocalProvider\n"
+        "import sys\nimport optjob.manager.commands.common as c\nfrom optjob.providers.local import LocalProvider\n"
         "from optjob.specs.errors import TeardownError\n"
         "class Broken(LocalProvider):\n"
         "    def teardown(self, handle):\n        raise TeardownError('cloud unreachable')\n"

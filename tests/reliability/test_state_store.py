@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from optjob.manager import schema
-from optjob.manager.schema import MIGRATIONS, SCHEMA_VERSION
+from optjob.manager import store_schema as schema
 from optjob.manager.store import Store
+from optjob.manager.store_schema import MIGRATIONS, SCHEMA_VERSION
 from optjob.specs.errors import StateError
 from optjob.steps.events import parse_event
 from reliability_harness import Cli, standin_spec, wait_for

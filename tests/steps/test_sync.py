@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from optjob.providers.storage import MANIFEST, LocalStorage
 from optjob.steps.layout import JobFile, step_dir
+from optjob.steps.storage import MANIFEST, LocalStorage
 from optjob.steps.sync import Sync, from_env, rebase_output
 
 Spec = Callable[..., dict[str, Any]]
@@ -26,7 +26,7 @@ Spec = Callable[..., dict[str, Any]]
 
 def checkpoint(root: Path, step: int, payload: bytes = b"w") -> Path:
     """A folder shaped like steps.checkpoint's (its own manifest.json with sha256s)."""
-    from optjob.providers.storage import sha256_file
+    from optjob.steps.storage import sha256_file
 
     folder = root / f"step-{step:06d}"
     folder.mkdir(parents=True)
@@ -150,10 +150,10 @@ def test_fresh_node_resumes_from_the_bucket(
     tmp_path: Path, tiny_spec: Spec, shared_cache: Path, s3_env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], restore_signals: None,
 ) -> None:  # fmt: skip
-    from optjob.providers.storage import S3Storage
     from optjob.specs.data import DataSpec
     from optjob.steps import runner
     from optjob.steps.data import load_text
+    from optjob.steps.storage import S3Storage
 
     load_text(DataSpec(), shared_cache)  # the corpus is built here, not in the subprocess
     spec = tiny_spec(steps=[{"train": {"max_steps": 12, "lr": 3e-3, "batch_size": 8, "checkpoint_every": 4,

@@ -6,17 +6,17 @@ import csv
 from pathlib import Path
 
 import pytest
-from optjob.manager.pricing import catalog as catalog_mod
-from optjob.manager.pricing.catalog import Catalog, catalog_dir, load_catalog, read_vms
+from optjob.manager.pricing import sources as catalog_mod
+from optjob.manager.pricing.catalog import Catalog, read_vms
 from optjob.manager.pricing.offers import find_offers
 from optjob.manager.pricing.snapshot import (
     BUNDLED,
     COLUMNS,
     build_snapshot,
     load_snapshot,
-    refresh,
     write_snapshot,
 )
+from optjob.manager.pricing.sources import catalog_dir, load_catalog, refresh
 from optjob.specs.resources import ResourcesSpec
 
 

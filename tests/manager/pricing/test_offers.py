@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 from optjob.manager.pricing import spot_live
-from optjob.manager.pricing.catalog import Catalog, CatalogRow, load_catalog
+from optjob.manager.pricing.catalog import Catalog, CatalogRow
 from optjob.manager.pricing.offers import Offer, find_offers
+from optjob.manager.pricing.sources import load_catalog
 from optjob.specs.resources import ResourcesSpec
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from optjob.providers.storage import MANIFEST, LocalStorage, S3Storage, Storage, StorageError, sha256_file
+from optjob.steps.storage import MANIFEST, LocalStorage, S3Storage, Storage, StorageError, sha256_file
 
 boto3 = pytest.importorskip("boto3", reason="needs the cloud extra")
 moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (test-only)")

@@ -1,4 +1,5 @@
-"""The report's two charts as hand-written SVG: linear and log scales, nice ticks, axes, grid, legend.
+"""The report's two charts as hand-written SVG files beside the report (``plot_all``):
+linear and log scales, nice ticks, axes, grid, legend.
 
 No third-party dependency and a few milliseconds a chart (matplotlib cost most of a second). Each
 function returns one standalone ``<svg>`` document without an XML declaration, so the same text is a
@@ -7,12 +8,16 @@ valid .svg file and can be inlined in the HTML page. Every text that comes from 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from html import escape
+from pathlib import Path
 from typing import Any
 
 Rec = dict[str, Any]
+LOSS_SVG, TRADEOFF_SVG = "loss_curves.svg", "tradeoff.svg"
+OLD_PLOTS = ("loss_curves.png", "tradeoff.png")  # the matplotlib plots of earlier reports
 Tick = tuple[float, str]  # (pixel, label)
 LINES = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 VIRIDIS = ("#440154", "#414487", "#2a788e", "#22a884", "#7ad151", "#fde725")
@@ -212,3 +217,29 @@ def tradeoff_svg(rows: list[Rec]) -> str | None:
                              extra=' class="label"'))
         out.append("</g>")
     return "\n".join([*out, "</svg>"]) + "\n"
+
+
+def plot_all(data: Rec, out_dir: Path) -> dict[str, Path]:
+    """Write the SVG plots that have data; {title: path}. Never raises."""
+    for old in OLD_PLOTS:
+        with contextlib.suppress(OSError):
+            (out_dir / old).unlink(missing_ok=True)
+    images: dict[str, Path] = {}
+    plots: list[tuple[str, str, Callable[[], str | None]]] = [
+        ("Loss curves", LOSS_SVG, lambda: loss_svg(data["loss_curves"])),
+        ("Size and latency vs perplexity", TRADEOFF_SVG, lambda: tradeoff_svg(data["rows"])),
+    ]
+    for title, name, draw in plots:
+        path = out_dir / name
+        try:
+            svg = draw()
+            if svg is not None:
+                path.write_text(svg, encoding="utf-8")
+        except Exception:  # a plot is a nicety: a bad value must not cost the report
+            svg = None
+        if svg is not None:
+            images[title] = path
+        else:  # no data this time, or a failed plot: drop a stale one from an earlier report
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+    return images

@@ -11,22 +11,8 @@ from typing import Any
 
 from optjob.specs import JobSpec
 
-from . import paths
-from .plan import OfferPlan, Plan
-
-
-def calibration_records() -> list[Any]:
-    """Finished runs' measured throughput, if this machine has a state store (never creates one)."""
-    if not paths.db_path().exists():
-        return []
-    from .store import Store
-
-    store = Store(paths.db_path())
-    try:
-        return list(store.calibration())
-    finally:
-        store.close()
-
+from ..plan import OfferPlan, Plan
+from .calibration_store import calibration_records
 
 #: Regions whose live AWS spot prices are fetched (the cheapest by catalog), each in its own thread.
 LIVE_REGIONS = 4
@@ -38,7 +24,7 @@ def live_spot(offers: list[Any], notes: list[str]) -> list[Any]:
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    from .pricing import spot_live
+    from . import spot_live
 
     aws_spot = sorted((o for o in offers if o.cloud == "aws" and o.spot), key=lambda o: o.hourly_usd)
     if not aws_spot or os.environ.get("OPTJOB_LIVE_PRICES", "1") == "0":
@@ -57,8 +43,9 @@ def live_spot(offers: list[Any], notes: list[str]) -> list[Any]:
 
 
 def price_plan(spec: JobSpec, plan: Plan) -> Plan:
-    from .money import current_catalog
-    from .pricing import find_offers, plan_offers
+    from .estimate import plan_offers
+    from .offers import find_offers
+    from .sources import current_catalog
 
     resources = spec.resources
     if plan.local:

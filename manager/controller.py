@@ -25,12 +25,12 @@ from optjob.specs.steps import TrainOptions
 from optjob.steps.layout import JobFile
 
 from . import paths
-from .calibrate import record_calibration
+from .job_states import JobStatus, Reason
 from .meter import STOP_MARGIN_S, Budget, job_elapsed_s, over_budget, rate_usd_per_s, seconds_left
 from .plan import Plan
+from .pricing.calibration_store import record_calibration
 from .reconcile import final_status, finalize, observe, owner_alive, reconcile_orphaned
 from .rehearsal import Rehearsal
-from .status import JobStatus, Reason
 from .store import AttemptRow, JobRow, Store
 
 MAX_RECOVERIES = 10

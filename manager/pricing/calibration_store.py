@@ -1,21 +1,37 @@
-"""After a run: store its measured training throughput, so later plans of the same
-model size on the same accelerator use it instead of the default efficiency."""
+"""Calibration records in the state store: after a run, its measured training throughput is
+stored (``record_calibration``), so later plans of the same model size on the same accelerator read
+it (``calibration_records``) instead of assuming the default efficiency."""
 
 from __future__ import annotations
 
 import statistics
+from typing import TYPE_CHECKING, Any
 
 from optjob.specs import JobSpec
 
-from .plan import Plan
-from .store import Store
+from .. import paths
+from ..store import Store
+
+if TYPE_CHECKING:
+    from ..plan import Plan
+
+
+def calibration_records() -> list[Any]:
+    """Finished runs' measured throughput, if this machine has a state store (never creates one)."""
+    if not paths.db_path().exists():
+        return []
+    store = Store(paths.db_path())
+    try:
+        return list(store.calibration())
+    finally:
+        store.close()
 
 
 def record_calibration(store: Store, name: str, plan: Plan) -> int:
     """One record per train step that reported throughput; returns how many were stored."""
     if plan.dry_run:
         return 0  # the proxy model is not the planned one
-    from .pricing import model_params
+    from .estimate import model_params
 
     job = store.job(name)
     if job is None:

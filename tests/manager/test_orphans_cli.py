@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from optjob.manager.status import JobStatus, Reason
+from optjob.manager.job_states import JobStatus, Reason
 from optjob.manager.store import Store
-from optjob.providers.storage import LocalStorage
 from optjob.specs import loads_spec
 from optjob.steps.layout import step_dir
+from optjob.steps.storage import LocalStorage
 from optjob.steps.sync import Sync
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +37,7 @@ def finished_job(home: Path, name: str, provider: str, extra: str = "") -> None:
 
 
 def test_cloud_commands_import_nothing_heavy() -> None:
-    code = ("import sys, optjob.manager.cli, optjob.manager.cloud_commands, optjob.steps.sync;"
+    code = ("import sys, optjob.manager.cli, optjob.manager.commands.orphans, optjob.steps.sync;"
             "print([m for m in ('torch', 'sky', 'boto3') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -103,7 +103,7 @@ def test_pull_copies_the_artifacts_home(tmp_path: Path) -> None:
 
 
 def test_local_api_server_check_needs_no_sky(tmp_path: Path, monkeypatch) -> None:
-    from optjob.manager.cloud_commands import local_api_server_down
+    from optjob.manager.commands.orphans import local_api_server_down
 
     for var in ("ENDPOINT", "LOCAL_PORT"):
         monkeypatch.delenv(f"SKYPILOT_API_SERVER_{var}", raising=False)

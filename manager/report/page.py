@@ -1,59 +1,16 @@
-"""The report's plots (hand-written SVG, see ``report_svg``) and its self-contained HTML page.
-
-The plots need no third-party package; each is a .svg file next to the report, inlined in the page.
-"""
+"""``report.html``: the report as one self-contained page, the SVG plots inlined."""
 
 from __future__ import annotations
 
-import contextlib
 import html
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .report import (
-    ATTEMPT_HEADERS,
-    HEADERS,
-    TRIAL_HEADERS,
-    attempt_cells,
-    cells,
-    headline,
-    notes,
-    trial_cells,
-)
-from .report_svg import loss_svg, tradeoff_svg
+from .text import ATTEMPT_HEADERS, HEADERS, TRIAL_HEADERS, attempt_cells, cells, headline, notes, trial_cells
 
 Rec = dict[str, Any]
-LOSS_SVG, TRADEOFF_SVG = "loss_curves.svg", "tradeoff.svg"
-OLD_PLOTS = ("loss_curves.png", "tradeoff.png")  # the matplotlib plots of earlier reports
 _DELTA = re.compile(r" \(([−+])([^)]*%)\)")
-
-
-def plot_all(data: Rec, out_dir: Path) -> dict[str, Path]:
-    """Write the SVG plots that have data; {title: path}. Never raises."""
-    for old in OLD_PLOTS:
-        with contextlib.suppress(OSError):
-            (out_dir / old).unlink(missing_ok=True)
-    images: dict[str, Path] = {}
-    plots: list[tuple[str, str, Callable[[], str | None]]] = [
-        ("Loss curves", LOSS_SVG, lambda: loss_svg(data["loss_curves"])),
-        ("Size and latency vs perplexity", TRADEOFF_SVG, lambda: tradeoff_svg(data["rows"])),
-    ]
-    for title, name, draw in plots:
-        path = out_dir / name
-        try:
-            svg = draw()
-            if svg is not None:
-                path.write_text(svg, encoding="utf-8")
-        except Exception:  # a plot is a nicety: a bad value must not cost the report
-            svg = None
-        if svg is not None:
-            images[title] = path
-        else:  # no data this time, or a failed plot: drop a stale one from an earlier report
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-    return images
 
 
 # ---- html ----------------------------------------------------------------------------------------
@@ -94,7 +51,7 @@ def _table(headers: list[str], rows: list[list[str]], classes: list[str] | None 
 
 
 def _plot(title: str, path: Path) -> str:
-    try:  # the SVG text itself, which report_svg escaped: inline, so the page stays one file
+    try:  # the SVG text itself, which svg.py escaped: inline, so the page stays one file
         svg = path.read_text(encoding="utf-8")
     except (OSError, ValueError):
         return ""

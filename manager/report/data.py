@@ -1,10 +1,6 @@
-"""The comparison report: every step's output model side by side, with what it cost.
-
-``report_data`` assembles one JSON-serialisable dict from the state store and the
-workload's ``results.json`` (read tolerantly: any key may be missing);
-``write_report`` renders it as ``report.md``, ``report.html`` and SVG plots in the
-job folder. Neither raises for missing data: a job that failed before it wrote
-results still gets a report of its attempts and spend.
+"""``report_data``: one JSON-serialisable dict from the state store and the workload's
+``results.json`` (read tolerantly: any key may be missing). It never raises for missing data: a job
+that failed before it wrote results still gets a report of its attempts and spend.
 """
 
 from __future__ import annotations
@@ -17,8 +13,8 @@ from typing import Any
 
 from optjob.steps.layout import RESULTS_FILE
 
-from . import paths
-from .store import Store
+from .. import paths
+from ..store import Store
 
 #: Canonical metric name -> names the workload may use for it (first match wins).
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -197,132 +193,3 @@ def report_data(store: Store, name: str) -> Rec:
         "loss_curves": _curves(steps, events), "final": pick((results or {}).get("final")),
         "cost_note": COST_NOTE,
     }
-
-
-# ---- formatting (shared with report_html) -------------------------------------------------------
-
-def fmt_delta(d: float | None) -> str:
-    if d is None:
-        return ""
-    text = f"{abs(d):.0f}" if abs(d) >= 10 else f"{abs(d):.1f}"
-    return f" ({'−' if d < 0 else '+'}{text}%)" if text.strip("0.") else ""  # unchanged: no delta
-
-
-COUNT, BYTES = ("B", "M", "k", ""), (" GB", " MB", " kB", " B")
-
-
-def _scaled(n: float | None, units: tuple[str, str, str, str], spec: str) -> str:
-    if n is None:
-        return "–"
-    for div, unit in zip((1e9, 1e6, 1e3), units[:3], strict=True):
-        if abs(n) >= div:
-            return f"{n / div:{spec}}{unit}"
-    return f"{n:.0f}{units[3]}"
-
-
-def fmt_s(s: float | None) -> str:
-    if s is None:
-        return "–"
-    if s < 60:
-        return f"{s:.1f}s"
-    if s < 3600:
-        return f"{int(s // 60)}m {int(s % 60):02d}s"
-    return f"{int(s // 3600)}h {int(s % 3600 // 60):02d}m"
-
-
-def fmt(v: float | None, spec: str, suffix: str = "") -> str:
-    return "–" if v is None else f"{v:{spec}}{suffix}"
-
-
-def cells(r: Rec) -> list[str]:
-    """One model row's cells: the markdown and html tables share them."""
-    params = _scaled(r["params"], COUNT, ".2f") + fmt_delta(r["d_params_pct"])
-    if r["nonzero_params"] is not None and r["nonzero_params"] < 0.99 * (r["params"] or 0):
-        params += f", {_scaled(r['nonzero_params'], COUNT, '.2f')} nonzero"
-    acc = r["accuracy"]
-    return [r["label"], params,
-            _scaled(r["size_bytes"], BYTES, ".1f") + fmt_delta(r["d_size_pct"]),
-            fmt(r["perplexity"], ".2f") + fmt_delta(r["d_perplexity_pct"]),
-            fmt(acc if acc is None or acc > 1 else acc * 100, ".1f", "%"),
-            fmt(r["latency_ms"], ".2f", " ms") + fmt_delta(r["d_latency_pct"]),
-            fmt(r["gen_latency_ms"], ".1f", " ms"), fmt(r["tokens_per_s"], ",.0f"),
-            fmt_s(r["wall_s"]), "–" if r["cost_usd"] is None else f"${r['cost_usd']:.4f}"]
-
-
-HEADERS = ["Step", "Params", "Size", "Perplexity", "Accuracy", "Fwd latency", "Gen latency",
-           "Train tok/s", "Wall", "Cost¹"]
-TRIAL_HEADERS = ["Trial", "Params", "Value", "State"]
-ATTEMPT_HEADERS = ["Attempt", "Status", "Duration", "$/h", "Nodes", "Spot", "$", "Ended because"]
-
-
-def trial_cells(t: Rec) -> list[str]:
-    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in t["params"].items())
-    return [f"{t['number']}{' ★' if t['best'] else ''}", params, fmt(t["value"], ".4f"), t["state"]]
-
-
-def attempt_cells(a: Rec) -> list[str]:
-    status = a["status"] + (f" (exit {a['exit_code']})" if a["exit_code"] not in (None, 0) else "")
-    return [str(a["number"]), status, fmt_s(a["duration_s"]), f"{a['hourly_usd']:.2f}",
-            str(a["nodes"]), "yes" if a["spot"] else "no", f"{a['usd']:.4f}", a.get("detail") or a["status"]]
-
-
-def headline(data: Rec) -> str:
-    why = f" ({data['reason']})" if data["reason"] and data["reason"] != data["status"] else ""
-    return f"{data['name']}: {data['status']}{why}, ${data['spent_usd']:.4f} spent"
-
-
-def notes(data: Rec) -> list[str]:
-    """The sentences under the model table."""
-    out = []
-    if data["rows"]:
-        out += ["Deltas in parentheses are against the baseline (the model before the first step).",
-                f"¹ {data['cost_note']}"]
-    if data["results_source"] is None:
-        out.append("No results yet: the job wrote no results.json (it may have failed before its "
-                   "first step finished). Attempts and spend are below.")
-    elif data["results_source"] == "events":
-        out.append("results.json is missing: the rows come from the steps' step_done events.")
-    return out
-
-
-# ---- markdown ------------------------------------------------------------------------------------
-
-def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    esc = [[c.replace("|", "\\|").replace("\n", " ") for c in r] for r in rows]
-    return [f"| {' | '.join(headers)} |", "|" + "---|" * len(headers),
-            *(f"| {' | '.join(r)} |" for r in esc), ""]
-
-
-def render_markdown(data: Rec, images: dict[str, Path]) -> str:
-    out = [f"# {headline(data)}", ""]
-    if data["message"]:
-        out += [*(f"> {line}" for line in str(data["message"]).splitlines()), ""]
-    out += ["## Models", ""]
-    if data["rows"]:
-        out += _md_table(HEADERS, [cells(r) for r in data["rows"]])
-    out += [line for n in notes(data) for line in (n, "")]
-    if data["hpo_trials"]:
-        out += ["## HPO trials (★ best)", "",
-                *_md_table(TRIAL_HEADERS, list(map(trial_cells, data["hpo_trials"])))]
-    out += ["## Attempts", ""]
-    attempts = list(map(attempt_cells, data["attempts"]))
-    out += _md_table(ATTEMPT_HEADERS, attempts) if attempts else ["No attempts were launched.", ""]
-    out += ["## Plots", ""] if images else []
-    for title, p in images.items():
-        out += [f"![{title}]({p.name})", ""]
-    return "\n".join(out)
-
-
-def write_report(store: Store, name: str) -> list[Path]:
-    """Write report.md, report.html and the SVG plots into the job folder; return their paths."""
-    from .report_html import plot_all, render_html
-
-    data = report_data(store, name)
-    job_dir = Path(data["job_dir"])
-    job_dir.mkdir(parents=True, exist_ok=True)
-    images = plot_all(data, job_dir)
-    md, html = job_dir / "report.md", job_dir / "report.html"
-    md.write_text(render_markdown(data, images), encoding="utf-8")
-    html.write_text(render_html(data, images), encoding="utf-8")
-    return [md, html, *images.values()]

@@ -1,0 +1,85 @@
+"""``optjob apply SPEC``: plan, confirm, run the controller attached (or detached), report."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from optjob.specs.errors import UsageError
+
+from ..job_states import Reason
+from ..store import Store, open_store
+from . import common
+from .plan import check_feasible
+
+
+def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, detach: bool, as_json: bool,
+                  kills: int = 0, preemption_seed: int = 0) -> None:
+    from optjob.specs import load_spec
+
+    from ..controller import Controller
+    from ..planner import make_plan
+    from ..render import print_plan
+
+    spec = load_spec(spec_path)
+    cloud_plan = make_plan(spec, spec_path, local=local) if dry_run else None
+    if dry_run:
+        spec = spec.model_copy(update={"name": f"{spec.name[:32]}-dry-run"})
+    plan = make_plan(spec, spec_path, local=local, dry_run=dry_run)
+    if kills and not plan.local:
+        raise UsageError("--simulate-preemption rehearses on this machine: add --local or --dry-run")
+    if kills and detach:
+        raise UsageError("--simulate-preemption needs the manager attached: drop --detach")
+    if not as_json:
+        print_plan(plan)
+    check_feasible(plan)
+    if not yes and not dry_run:
+        if not sys.stdin.isatty():
+            raise UsageError("apply needs confirmation: pass --yes when not running in a terminal")
+        click.confirm("Apply this plan?", default=True, abort=True)
+    from ..live import LiveReporter
+
+    store = open_store()
+    provider = common.provider_for(plan.provider)
+    reporter = None if as_json else LiveReporter(plan)
+    from ..rehearsal import Rehearsal
+
+    rehearsal = Rehearsal(kills, preemption_seed) if kills else None
+    controller = Controller(store, provider, reporter=reporter, rehearsal=rehearsal)
+    try:
+        outcome = controller.apply(plan, spec, detach=detach)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    if outcome.status.is_terminal() and plan.provider == "skypilot" and spec.storage.is_remote:
+        from .pull import fetch_results
+
+        fetch_results(store, outcome.name)  # the node's results.json, for the report
+    if outcome.status.is_terminal():
+        _write_report(store, outcome.name, quiet=as_json)
+    if as_json:
+        click.echo(json.dumps({"name": outcome.name, "status": outcome.status.value,
+                               "reason": outcome.reason.value if outcome.reason else None,
+                               "spent_usd": round(outcome.spent_usd, 6), "attempts": outcome.attempts,
+                               "job_dir": str(outcome.job_dir), "message": outcome.message}))
+    else:
+        click.echo(f"{outcome.name}: {outcome.status.value}"
+                   + (f" ({outcome.reason.value})" if outcome.reason else "")
+                   + f", spent ${outcome.spent_usd:.4f} over {outcome.attempts} attempt(s); {outcome.job_dir}")
+        if rehearsal is not None:
+            lost = [k.lost_steps for k in rehearsal.done]
+            click.echo(f"rehearsal: {len(rehearsal.done)} kill(s) survived; work lost per kill (steps): {lost}")
+        if cloud_plan is not None and cloud_plan.chosen is not None and outcome.reason == Reason.SUCCEEDED:
+            c = cloud_plan.chosen
+            click.echo(f"dry run passed; on {c.cloud} {c.accelerators or 'CPU'}{' spot' if c.spot else ''} "
+                       f"the full spec is projected at {c.est_hours:.2f} h, ${c.est_usd:.2f}")
+    outcome.raise_for_status()
+
+
+def _write_report(store: Store, name: str, *, quiet: bool) -> None:
+    from ..report import write_report
+
+    paths_written = write_report(store, name)
+    if not quiet and paths_written:
+        click.echo(f"report: {paths_written[0]}")

@@ -1,0 +1,55 @@
+"""``optjob status [NAME]`` and ``optjob list``: each job's phase, step, elapsed time and spend."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+
+from ..store import JobRow, Store, open_store
+from . import common
+from .common import find_job
+
+#: Rows `optjob list` prints (the most recently updated, plus every unfinished job); --json lists all.
+#: Rendering is ~1 ms a row, so 10,000 jobs would take seconds.
+LIST_LIMIT = 50
+
+
+def job_summary(store: Store, job: JobRow) -> dict[str, Any]:
+    attempts = store.attempts(job.name)
+    spent = store.spend(job.name)
+    start = job.started_at or job.created_at
+    elapsed = (job.ended_at or time.time()) - start
+    running = [a for a in attempts if not a.ended_at]
+    burn = sum(a.hourly_usd * a.nodes for a in running)
+    return {
+        "name": job.name, "status": job.status.value, "reason": job.reason.value if job.reason else None,
+        "provider": job.provider, "step_index": job.step_index, "step_kind": job.step_kind,
+        "progress": job.progress, "elapsed_s": round(elapsed, 1), "spent_usd": round(spent, 6),
+        "burn_usd_per_h": burn, "attempts": len(attempts), "run": job.run, "job_dir": job.job_dir,
+        "message": job.message, "created_at": job.created_at, "updated_at": job.updated_at,
+    }
+
+
+def status_command(name: str | None, *, as_json: bool) -> None:
+    from ..render import print_jobs
+
+    store = open_store()
+    if name is not None:
+        jobs = [find_job(store, name)]
+    elif as_json:
+        jobs = store.jobs()
+    else:
+        jobs = store.jobs(limit=LIST_LIMIT)
+        shown = {j.name for j in jobs}
+        jobs += [j for j in store.unfinished_jobs() if j.name not in shown]
+    rows = [job_summary(store, j) for j in common.reconcile_all(store, jobs)]
+    if as_json:
+        click.echo(json.dumps(rows[0] if name else rows, indent=2))
+    else:
+        print_jobs(rows)
+        hidden = store.job_count() - len(rows) if name is None else 0
+        if hidden > 0:
+            click.echo(f"... and {hidden:,} older finished job(s) not shown (`optjob list --json` lists all)")

@@ -1,0 +1,94 @@
+"""The report's words and numbers: table headers, each row's cells, the headline and notes,
+shared by the markdown and the HTML page."""
+
+from __future__ import annotations
+
+from .data import Rec
+
+
+def fmt_delta(d: float | None) -> str:
+    if d is None:
+        return ""
+    text = f"{abs(d):.0f}" if abs(d) >= 10 else f"{abs(d):.1f}"
+    return f" ({'−' if d < 0 else '+'}{text}%)" if text.strip("0.") else ""  # unchanged: no delta
+
+
+COUNT, BYTES = ("B", "M", "k", ""), (" GB", " MB", " kB", " B")
+
+
+def _scaled(n: float | None, units: tuple[str, str, str, str], spec: str) -> str:
+    if n is None:
+        return "–"
+    for div, unit in zip((1e9, 1e6, 1e3), units[:3], strict=True):
+        if abs(n) >= div:
+            return f"{n / div:{spec}}{unit}"
+    return f"{n:.0f}{units[3]}"
+
+
+def fmt_s(s: float | None) -> str:
+    if s is None:
+        return "–"
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m {int(s % 60):02d}s"
+    return f"{int(s // 3600)}h {int(s % 3600 // 60):02d}m"
+
+
+def fmt(v: float | None, spec: str, suffix: str = "") -> str:
+    return "–" if v is None else f"{v:{spec}}{suffix}"
+
+
+def cells(r: Rec) -> list[str]:
+    """One model row's cells: the markdown and html tables share them."""
+    params = _scaled(r["params"], COUNT, ".2f") + fmt_delta(r["d_params_pct"])
+    if r["nonzero_params"] is not None and r["nonzero_params"] < 0.99 * (r["params"] or 0):
+        params += f", {_scaled(r['nonzero_params'], COUNT, '.2f')} nonzero"
+    acc = r["accuracy"]
+    return [r["label"], params,
+            _scaled(r["size_bytes"], BYTES, ".1f") + fmt_delta(r["d_size_pct"]),
+            fmt(r["perplexity"], ".2f") + fmt_delta(r["d_perplexity_pct"]),
+            fmt(acc if acc is None or acc > 1 else acc * 100, ".1f", "%"),
+            fmt(r["latency_ms"], ".2f", " ms") + fmt_delta(r["d_latency_pct"]),
+            fmt(r["gen_latency_ms"], ".1f", " ms"), fmt(r["tokens_per_s"], ",.0f"),
+            fmt_s(r["wall_s"]), "–" if r["cost_usd"] is None else f"${r['cost_usd']:.4f}"]
+
+
+HEADERS = ["Step", "Params", "Size", "Perplexity", "Accuracy", "Fwd latency", "Gen latency",
+           "Train tok/s", "Wall", "Cost¹"]
+TRIAL_HEADERS = ["Trial", "Params", "Value", "State"]
+ATTEMPT_HEADERS = ["Attempt", "Status", "Duration", "$/h", "Nodes", "Spot", "$", "Ended because"]
+
+
+def trial_cells(t: Rec) -> list[str]:
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in t["params"].items())
+    return [f"{t['number']}{' ★' if t['best'] else ''}", params, fmt(t["value"], ".4f"), t["state"]]
+
+
+def attempt_cells(a: Rec) -> list[str]:
+    status = a["status"] + (f" (exit {a['exit_code']})" if a["exit_code"] not in (None, 0) else "")
+    return [str(a["number"]), status, fmt_s(a["duration_s"]), f"{a['hourly_usd']:.2f}",
+            str(a["nodes"]), "yes" if a["spot"] else "no", f"{a['usd']:.4f}", a.get("detail") or a["status"]]
+
+
+def headline(data: Rec) -> str:
+    why = f" ({data['reason']})" if data["reason"] and data["reason"] != data["status"] else ""
+    return f"{data['name']}: {data['status']}{why}, ${data['spent_usd']:.4f} spent"
+
+
+def notes(data: Rec) -> list[str]:
+    """The sentences under the model table."""
+    out = []
+    if data["rows"]:
+        out += ["Deltas in parentheses are against the baseline (the model before the first step).",
+                f"¹ {data['cost_note']}"]
+    if data["results_source"] is None:
+        out.append("No results yet: the job wrote no results.json (it may have failed before its "
+                   "first step finished). Attempts and spend are below.")
+    elif data["results_source"] == "events":
+        out.append("results.json is missing: the rows come from the steps' step_done events.")
+    return out
+
+
+# ---- markdown ------------------------------------------------------------------------------------
