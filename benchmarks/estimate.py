@@ -13,7 +13,8 @@ from .common import OPTJOB, Ctx, base_env, last_json, run_cmd, small_spec, warm_
 NAME = "estimate"
 TITLE = "Estimate accuracy"
 MEASURES = ("In one OPTJOB_HOME: `optjob apply` a local spec with `hourly_usd` set (2-layer 128-wide Llama, "
-            "train + evaluate), which records its measured throughput (manager/pricing/calibration_store.py); then `optjob plan "
+            "train + evaluate), which records its measured throughput (manager/pricing/calibration_store.py); "
+            "then `optjob plan "
             "--json` the same spec under a second name, `optjob apply` it, and compare the plan's est_hours / "
             "est_usd with the second run's metered seconds (ledger) and spend. The plan before any run "
             "(default efficiency) is shown for contrast. One torch thread, so the two runs see the same speed.")

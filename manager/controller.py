@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from optjob.specs.steps import TrainOptions
 from optjob.steps.layout import JobFile
 
 from . import paths
+from .clock import Clock
 from .job_states import JobStatus, Reason
 from .meter import STOP_MARGIN_S, Budget, job_elapsed_s, over_budget, rate_usd_per_s, seconds_left
 from .plan import Plan
@@ -94,8 +94,10 @@ class Controller:
 
     def __init__(self, store: Store, provider: Provider, *, reporter: Reporter | None = None,
                  tick_s: float = 0.5, on_launch: Callable[[Handle, AttemptRow], None] | None = None,
-                 rehearsal: Rehearsal | None = None) -> None:
+                 rehearsal: Rehearsal | None = None, clock: Clock | None = None) -> None:
         self.store, self.provider = store, provider
+        #: The store's clock unless told otherwise: records and waits read one time.
+        self.clock = clock or store.clock
         self.rehearsal = rehearsal
         self.reporter = reporter or Silent()
         self.tick_s = tick_s
@@ -134,7 +136,7 @@ class Controller:
                 return self._outcome(job)
             if not owner_alive(job):
                 reconcile_orphaned(self.store, self.provider, job)
-            time.sleep(self.tick_s)
+            self.clock.sleep(self.tick_s)
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -158,7 +160,7 @@ class Controller:
     def _launch(self, job: JobRow, plan: Plan, budget: Budget) -> AttemptRow:
         attempt = self.store.add_attempt(job.name, run=job.run, provider=plan.provider, hourly_usd=plan.hourly_usd,
                                          nodes=plan.nodes, spot=plan.spot)
-        spec = JobSpec.model_validate_json(job.spec_json)
+        spec = job.spec()
         env = {"OPTJOB_ATTEMPT": str(attempt.number), "OPTJOB_JOB": job.name}
         if not plan.local and spec.storage.artifacts:
             # The node pulls checkpoints from there before starting and pushes each one (steps.sync),
@@ -168,7 +170,7 @@ class Controller:
         left = seconds_left(budget, spent=self.store.spend(job.name), elapsed_s=job_elapsed_s(self.store, job.name),
                             usd_per_s=rate_usd_per_s(attempt), margin_s=STOP_MARGIN_S.get(plan.provider, 60.0))
         if left is not None:
-            env["OPTJOB_DEADLINE"] = f"{time.time() + max(0.0, left):.3f}"
+            env["OPTJOB_DEADLINE"] = f"{self.clock.time() + max(0.0, left):.3f}"  # wall: the node compares
         self.store.update_job(job.name, status=JobStatus.LAUNCHING)
         self.reporter.status(f"launching attempt {attempt.number} on {plan.provider}")
         try:
@@ -176,7 +178,7 @@ class Controller:
                                                         attempt=attempt.number, env=env))
         except ProviderError as exc:  # the contract: nothing was left running
             self.store.update_attempt(attempt.id, status=AttemptState.FAILED, detail=exc.message[:2000],
-                                      ended_at=time.time(), released=1)
+                                      ended_at=self.clock.time(), released=1)
             finalize(self.store, self.provider, job, JobStatus.FAILED, Reason.FAILED, str(exc)[:2000])
             raise
         self.store.update_attempt(attempt.id, handle=handle.to_json(), status=AttemptState.RUNNING)
@@ -189,7 +191,7 @@ class Controller:
         return attempt
 
     def _run(self, job: JobRow, plan: Plan, *, detach: bool) -> Outcome:
-        budget = Budget(plan.budget.get("max_usd"), plan.budget.get("max_hours"))
+        budget = Budget(plan.budget.max_usd, plan.budget.max_hours)
         margin = STOP_MARGIN_S.get(plan.provider, 60.0)
         stop_reason: Reason | None = None
         try:
@@ -215,7 +217,7 @@ class Controller:
                             and recoveries < MAX_RECOVERIES:
                         recoveries += 1
                         self.store.update_job(job.name, status=JobStatus.RECOVERING)
-                        time.sleep(min(60.0, self.tick_s * 2**recoveries))  # back off a provider that flaps
+                        self.clock.sleep(min(60.0, self.tick_s * 2**recoveries))  # back off a provider that flaps
                         self.reporter.status(
                             f"attempt {attempt.number} {obs.poll.state.value}; resuming from checkpoint")
                         attempt = self._launch(job, plan, budget)
@@ -241,15 +243,15 @@ class Controller:
         if kill_fn is None:
             raise UsageError(
                 f"preemption rehearsal needs a provider that can kill its workload ({plan.provider} cannot)")
-        spec = JobSpec.model_validate_json(self.store.job(attempt.job_name).spec_json)  # type: ignore[union-attr]
+        spec = self.store.job(attempt.job_name).spec()  # type: ignore[union-attr]
         every = {i: s.checkpoint_every for i, s in enumerate(spec.pipeline) if isinstance(s, TrainOptions)}
         kill = self.rehearsal.record(attempt.number, every)
         self.reporter.status(kill.describe())
         handle = Handle.from_json(attempt.handle or {})
         kill_fn(handle)
-        deadline = time.time() + 30
-        while time.time() < deadline and not self.provider.poll(handle).state.is_terminal():
-            time.sleep(0.05)
+        deadline = self.clock.monotonic() + 30
+        while self.clock.monotonic() < deadline and not self.provider.poll(handle).state.is_terminal():
+            self.clock.sleep(0.05)
         attempt.detail = kill.describe()
         self.store.update_attempt(attempt.id, detail=attempt.detail)
 
@@ -262,11 +264,11 @@ class Controller:
             handle = Handle.from_json(attempt.handle or {})
             self.provider.stop(handle)
             try:
-                deadline = time.time() + 120
-                while time.time() < deadline:
+                deadline = self.clock.monotonic() + 120
+                while self.clock.monotonic() < deadline:
                     if observe(self.store, self.provider, job, attempt).poll.state.is_terminal():
                         break
-                    time.sleep(0.2)
+                    self.clock.sleep(0.2)
             except KeyboardInterrupt:
                 pass
         return self._finish(job, JobStatus.STOPPED, Reason.CANCELLED)

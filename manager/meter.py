@@ -8,7 +8,6 @@ next reconcile catches up from the attempt's start time.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from .store import AttemptRow, Store
@@ -22,17 +21,13 @@ class Budget:
     max_usd: float | None
     max_hours: float | None
 
-    def usd_left(self, spent: float) -> float | None:
-        return None if self.max_usd is None else self.max_usd - spent
-
-
 def rate_usd_per_s(attempt: AttemptRow) -> float:
     return attempt.hourly_usd * attempt.nodes / 3600.0
 
 
 def meter(store: Store, attempt: AttemptRow, until: float | None = None) -> float:
     """Record spend for ``attempt`` up to ``until`` (now); returns the job's total spend."""
-    end = until if until is not None else time.time()
+    end = until if until is not None else store.clock.time()
     store.bill_until(attempt.job_name, attempt.number, seconds=end - attempt.started_at,
                      usd_per_s=rate_usd_per_s(attempt), hourly_usd=attempt.hourly_usd, nodes=attempt.nodes,
                      spot=bool(attempt.spot))
@@ -41,8 +36,7 @@ def meter(store: Store, attempt: AttemptRow, until: float | None = None) -> floa
 
 def job_elapsed_s(store: Store, job: str) -> float:
     """Wall time across every attempt (what max_hours caps)."""
-    row = store.db.execute("SELECT COALESCE(SUM(seconds), 0) FROM ledger WHERE job_name = ?", (job,)).fetchone()
-    return float(row[0])
+    return store.elapsed_seconds(job)
 
 
 def seconds_left(budget: Budget, *, spent: float, elapsed_s: float, usd_per_s: float, margin_s: float) -> float | None:

@@ -31,17 +31,40 @@ class OfferPlan:
 
 
 @dataclass(frozen=True)
+class ResourcesPlan:
+    """The resources the plan asks for (the spec's, or this machine's under ``--local``)."""
+
+    cloud: str
+    accelerators: list[str] | None
+    spot: bool | str
+    region: str | None
+    nodes: int
+    hourly_usd: float | None
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """The caps and the verdict: whether the cheapest way to complete fits them."""
+
+    max_usd: float | None
+    max_hours: float | None
+    fits: bool = True
+    over_by_usd: float = 0.0
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     spec_path: str | None
     provider: str  # "local" or "skypilot"
     local: bool  # runs on this machine (cloud: local, or apply --local)
     dry_run: bool
-    resources: dict[str, Any]
+    resources: ResourcesPlan
     steps: tuple[StepPlan, ...]
     teardown: str
     storage: str | None
-    budget: dict[str, Any]  # max_usd, max_hours, fits, over_by_usd
+    budget: BudgetPlan
     offers: tuple[OfferPlan, ...] = ()
     chosen: OfferPlan | None = None
     notes: tuple[str, ...] = ()
@@ -55,7 +78,7 @@ class Plan:
 
     @property
     def nodes(self) -> int:
-        return int(self.resources.get("nodes", 1))
+        return self.resources.nodes
 
     @property
     def spot(self) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from optjob.specs import JobSpec
 from optjob.specs.steps import (
@@ -19,7 +18,7 @@ from optjob.specs.steps import (
     TrainOptions,
 )
 
-from .plan import OfferPlan, Plan, StepPlan
+from .plan import BudgetPlan, OfferPlan, Plan, ResourcesPlan, StepPlan
 
 
 def summarize_step(step: StepBase, seq_len: int) -> tuple[str, int | None]:
@@ -46,16 +45,16 @@ def summarize_step(step: StepBase, seq_len: int) -> tuple[str, int | None]:
     return step.kind, None
 
 
-def resources_summary(spec: JobSpec, local: bool) -> dict[str, Any]:
+def resources_summary(spec: JobSpec, local: bool) -> ResourcesPlan:
     r = spec.resources
-    return {
-        "cloud": "local" if local else r.cloud,
-        "accelerators": None if local else [f"{n}:{c}" for n, c in r.accelerator_choices] or None,
-        "spot": False if local else r.spot,
-        "region": None if local else r.region,
-        "nodes": 1 if local else r.nodes,
-        "hourly_usd": r.hourly_usd,
-    }
+    return ResourcesPlan(
+        cloud="local" if local else r.cloud,
+        accelerators=None if local else [f"{n}:{c}" for n, c in r.accelerator_choices] or None,
+        spot=False if local else r.spot,
+        region=None if local else r.region,
+        nodes=1 if local else r.nodes,
+        hourly_usd=r.hourly_usd,
+    )
 
 
 def make_plan(spec: JobSpec, spec_path: str | Path | None = None, *, local: bool = False,
@@ -77,8 +76,7 @@ def make_plan(spec: JobSpec, spec_path: str | Path | None = None, *, local: bool
         provider="local" if local else "skypilot", local=local, dry_run=dry_run,
         resources=resources_summary(spec, local), steps=tuple(steps), teardown=spec.teardown,
         storage=spec.storage.artifacts,
-        budget={"max_usd": spec.budget.max_usd, "max_hours": spec.budget.max_hours, "fits": True,
-                "over_by_usd": 0.0},
+        budget=BudgetPlan(spec.budget.max_usd, spec.budget.max_hours),
         warnings=tuple(warnings),
     )
     if dry_run:
@@ -86,6 +84,6 @@ def make_plan(spec: JobSpec, spec_path: str | Path | None = None, *, local: bool
         free = OfferPlan(cloud="local", region=None, instance_type=None, accelerators=None, spot=False,
                          hourly_usd=0.0, est_hours=0.0, est_usd=0.0)
         return replace(base, offers=(free,), chosen=free,
-                       budget={"max_usd": None, "max_hours": None, "fits": True, "over_by_usd": 0.0},
+                       budget=BudgetPlan(None, None),
                        notes=("dry run: every step capped to a few optimizer steps on a 2-layer, 64-wide proxy",))
     return price_plan(spec, base)

@@ -10,14 +10,13 @@ marked finished, and only marks them released once the provider confirms.
 from __future__ import annotations
 
 import json
-import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from optjob.providers.base import AttemptState, Handle, Poll, Provider
-from optjob.specs.errors import TeardownError
+from optjob.providers.local import pid_alive
 from optjob.steps.events import parse_event
+from optjob.steps.exit_codes import EXIT_DEADLINE
 
 from .job_states import JobStatus, Reason
 from .meter import meter
@@ -71,7 +70,8 @@ def observe(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow) 
     if poll.state.is_terminal() and attempt.ended_at is None:
         # The provider's own record of the end when it has one: a manager that comes back (or a
         # `status`) an hour later must not date the end, or bill the hour, to its own clock.
-        ended = min(poll.ended_at, time.time()) if poll.ended_at else time.time()
+        now = store.clock.time()
+        ended = min(poll.ended_at, now) if poll.ended_at else now
         ended = max(ended, attempt.started_at)
         store.update_attempt(attempt.id, status=poll.state, exit_code=poll.exit_code,
                              detail=attempt.detail or poll.detail, ended_at=ended)
@@ -89,20 +89,16 @@ def _billed_to_end(provider: Provider, attempt: AttemptRow) -> bool:
     return attempt.ended_at is not None and not provider.bills_until_teardown
 
 
-def release(store: Store, provider: Provider, attempt: AttemptRow, *, retries: int = 5, backoff_s: float = 1.0) -> None:
-    """Tear the attempt down, retrying with backoff; mark it released only when confirmed."""
+def release(store: Store, provider: Provider, attempt: AttemptRow) -> None:
+    """Tear the attempt down; mark it released only when the provider confirms.
+
+    One call: retrying is the provider's, at its own boundary and within its own budget (see
+    ``Provider.teardown``). A ``TeardownError`` leaves the attempt unreleased and billed, for the
+    next ``status``, ``down`` or ``apply`` to try again."""
     if attempt.released or not attempt.handle:
         return
-    handle = Handle.from_json(attempt.handle)
-    for i in range(retries):
-        try:
-            provider.teardown(handle)
-            break
-        except TeardownError:
-            if i == retries - 1:
-                raise
-            time.sleep(backoff_s * 2**i)
-    now = time.time()
+    provider.teardown(Handle.from_json(attempt.handle))
+    now = store.clock.time()
     # Billing runs until teardown is confirmed — except for an attempt a later one replaced (a
     # preemption): the later attempt bills the resources from its own start, so this one stops
     # at its end instead of overlapping it.
@@ -122,7 +118,7 @@ def final_status(poll: Poll) -> tuple[JobStatus, Reason]:
     if poll.state == AttemptState.SUCCEEDED:
         return JobStatus.SUCCEEDED, Reason.SUCCEEDED
     if poll.state == AttemptState.STOPPED:
-        return JobStatus.STOPPED, Reason.BUDGET if poll.exit_code == 4 else Reason.CANCELLED
+        return JobStatus.STOPPED, Reason.BUDGET if poll.exit_code == EXIT_DEADLINE else Reason.CANCELLED
     if poll.state in (AttemptState.PREEMPTED, AttemptState.LOST):
         return JobStatus.STOPPED, Reason.PREEMPTED
     return JobStatus.FAILED, Reason.FAILED
@@ -135,7 +131,7 @@ def finalize(store: Store, provider: Provider, job: JobRow, status: JobStatus, r
     for attempt in store.attempts(job.name, run=job.run):
         if wants_teardown(policy, status) or not attempt.handle:
             release(store, provider, attempt)
-    update: dict[str, Any] = {"status": status, "reason": reason, "ended_at": time.time(), "owner_pid": None}
+    update: dict[str, Any] = {"status": status, "reason": reason, "ended_at": store.clock.time(), "owner_pid": None}
     if message is not None:
         update["message"] = message
     store.update_job(job.name, **update)
@@ -143,15 +139,7 @@ def finalize(store: Store, provider: Provider, job: JobRow, status: JobStatus, r
 
 def owner_alive(job: JobRow) -> bool:
     """Whether the process that claimed ``job`` still runs (same machine)."""
-    if not job.owner_pid:
-        return False
-    try:
-        os.kill(job.owner_pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return bool(job.owner_pid) and pid_alive(job.owner_pid)  # type: ignore[arg-type]
 
 
 def reconcile_orphaned(store: Store, provider: Provider, job: JobRow) -> JobRow:
@@ -166,7 +154,7 @@ def reconcile_orphaned(store: Store, provider: Provider, job: JobRow) -> JobRow:
         return store.job(job.name) or job
     if not attempts[-1].handle:  # the manager died inside launch: whatever it made is unknown
         last = attempts[-1]
-        store.update_attempt(last.id, status=AttemptState.LOST, ended_at=last.ended_at or time.time(),
+        store.update_attempt(last.id, status=AttemptState.LOST, ended_at=last.ended_at or store.clock.time(),
                              detail="the manager stopped while launching this attempt")
         finalize(store, provider, job, JobStatus.STOPPED, Reason.CANCELLED,
                  "the manager stopped while launching; `optjob list` flags anything left behind")

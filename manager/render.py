@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
+
+from .units import duration, money
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -15,28 +16,11 @@ def _console() -> Any:
     return Console(highlight=False)
 
 
-def money(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"${x:,.4f}" if x < 1 else f"${x:,.2f}"
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 def print_plan(plan: Plan) -> None:
     from rich.table import Table
 
     con = _console()
-    where = "this machine" if plan.local else f"{plan.provider} ({plan.resources.get('cloud')})"
+    where = "this machine" if plan.local else f"{plan.provider} ({plan.resources.cloud})"
     con.print(f"[bold]Plan for {plan.name}[/bold]{' (dry run: tiny proxy, every step capped)' if plan.dry_run else ''}"
               f" — runs on {where}, teardown: {plan.teardown}")
     for w in plan.warnings:
@@ -60,9 +44,9 @@ def print_plan(plan: Plan) -> None:
         con.print(f"Cost to complete: [bold]{money(c.est_usd)}[/bold] ({c.est_hours:.2f} h at {money(c.hourly_usd)}/h"
                   f" x {plan.nodes} node(s){cal})")
     b = plan.budget
-    cap = ", ".join(x for x in (money(b.get("max_usd")) if b.get("max_usd") is not None else "",
-                                f"{b['max_hours']:g} h" if b.get("max_hours") else "") if x) or "none"
-    verdict = "[green]fits[/green]" if b.get("fits", True) else f"[red]over by {money(b.get('over_by_usd'))}[/red]"
+    cap = ", ".join(x for x in (money(b.max_usd) if b.max_usd is not None else "",
+                                f"{b.max_hours:g} h" if b.max_hours else "") if x) or "none"
+    verdict = "[green]fits[/green]" if b.fits else f"[red]over by {money(b.over_by_usd)}[/red]"
     con.print(f"Budget: {cap} — {verdict}")
     for n in plan.notes:
         con.print(f"[dim]note: {n}[/dim]")
@@ -95,6 +79,3 @@ def print_jobs(rows: list[dict[str, Any]]) -> None:
         if r["message"] and r["status"] in ("failed", "stopped"):
             con.print(f"[dim]{r['name']}: {r['message']}[/dim]")
 
-
-def age(ts: float) -> str:
-    return duration(time.time() - ts) + " ago"

@@ -9,17 +9,20 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optjob.specs.errors import StateError
 
 from . import paths
+from .clock import SYSTEM, Clock
 from .job_states import JobStatus, Reason
+
+if TYPE_CHECKING:
+    from optjob.specs import JobSpec
 from .store_schema import MIGRATIONS, SCHEMA_VERSION
 
 #: How many times ``claim_job`` looks again when the job changes while its owner is checked.
@@ -56,6 +59,10 @@ class JobRow:
     def plan(self) -> dict[str, Any]:
         return json.loads(self.plan_json) if self.plan_json else {}
 
+    def spec(self) -> JobSpec:
+        """The job's spec as stored, read leniently (see ``read_stored_spec``)."""
+        return read_stored_spec(self.spec_json)
+
 
 @dataclass
 class AttemptRow:
@@ -81,9 +88,55 @@ class AttemptRow:
         return json.loads(self.handle_json) if self.handle_json else None
 
 
+#: How many stored keys a later version may have dropped before a stored spec is given up on.
+MAX_DROPPED_KEYS = 50
+
+
+def read_stored_spec(spec_json: str) -> JobSpec:
+    """A spec stored by this or an earlier optjob. A key this version no longer knows is dropped,
+    not fatal, so an upgrade never stops a stored job from resuming (dstack reads stored data so);
+    everything else is validated as strictly as a spec file."""
+    from optjob.specs import JobSpec  # the spec models load only where a spec is read
+    from pydantic import ValidationError
+
+    data = json.loads(spec_json)
+    for _ in range(MAX_DROPPED_KEYS):
+        try:
+            return JobSpec.model_validate(data)
+        except ValidationError as exc:
+            extra = [e["loc"] for e in exc.errors() if e["type"] == "extra_forbidden"]
+            if not extra:
+                raise
+            for loc in extra:
+                _drop(data, loc)
+    return JobSpec.model_validate(data)
+
+
+def _drop(data: Any, loc: tuple[Any, ...]) -> None:
+    """Remove the key at ``loc`` (a pydantic error location; union tags may sit in between)."""
+    node = data
+    for part in loc[:-1]:
+        in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
+        if (isinstance(node, dict) and part in node) or in_list:
+            node = node[part]
+        # a part that names a union member (a tag) is not in the data: skip it
+    if isinstance(node, dict):
+        node.pop(loc[-1], None)
+
+
 def _claim_key(job: JobRow | None) -> tuple[Any, ...] | None:
     """What an aliveness verdict about ``job`` depends on: its run, owner and whether it has ended."""
     return None if job is None else (job.run, job.owner_pid, job.status.is_terminal())
+
+
+def _assignments(cls: type, values: dict[str, Any], *, frozen: tuple[str, ...]) -> str:
+    """``col = ?, ...`` for an UPDATE, every column checked against the row type's fields: a column
+    name never comes from anywhere but this module's dataclasses."""
+    allowed = {f.name for f in fields(cls)} - set(frozen)
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no updatable column {', '.join(unknown)}")
+    return ", ".join(f"{k} = ?" for k in values)
 
 
 def _row(cls: type, row: sqlite3.Row) -> Any:
@@ -97,7 +150,9 @@ def _row(cls: type, row: sqlite3.Row) -> Any:
 class Store:
     """Typed access to ``state.db``. Open one per process (connections are not shared)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, clock: Clock = SYSTEM) -> None:
+        #: Every timestamp the store writes, and every reader of time that holds the store, uses it.
+        self.clock = clock
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -164,11 +219,11 @@ class Store:
         return int(self.db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
 
     def update_job(self, name: str, **values: Any) -> None:
-        values["updated_at"] = time.time()
+        values["updated_at"] = self.clock.time()
         for key in ("status", "reason"):
             if hasattr(values.get(key), "value"):
                 values[key] = values[key].value
-        cols = ", ".join(f"{k} = ?" for k in values)
+        cols = _assignments(JobRow, values, frozen=("name",))
         with self.tx() as db:
             db.execute(f"UPDATE jobs SET {cols} WHERE name = ?", (*values.values(), name))
 
@@ -188,7 +243,7 @@ class Store:
         for _ in range(CLAIM_TRIES):
             seen = self.job(name)
             alive = seen is not None and not seen.status.is_terminal() and bool(owner_alive(seen))
-            now = time.time()
+            now = self.clock.time()
             with self.tx() as db:
                 row = db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
                 current = _row(JobRow, row) if row is not None else None
@@ -217,12 +272,6 @@ class Store:
         raise StateError(f"could not claim job {name}: it kept changing under {CLAIM_TRIES} tries",
                          hint="another optjob process is starting and stopping it; try again")
 
-    def delete_job(self, name: str) -> None:
-        with self.tx() as db:
-            for table in ("events", "ledger"):
-                db.execute(f"DELETE FROM {table} WHERE job_name = ?", (name,))
-            db.execute("DELETE FROM jobs WHERE name = ?", (name,))
-
     # ---- attempts -------------------------------------------------------------------------------
 
     def add_attempt(self, job: str, *, run: int, provider: str, hourly_usd: float, nodes: int,
@@ -234,7 +283,7 @@ class Store:
             cur = db.execute(
                 "INSERT INTO attempts (job_name, run, number, provider, status, started_at, hourly_usd, nodes, spot) "
                 "VALUES (?, ?, ?, ?, 'launching', ?, ?, ?, ?)",
-                (job, run, number, provider, time.time(), hourly_usd, nodes, int(spot)),
+                (job, run, number, provider, self.clock.time(), hourly_usd, nodes, int(spot)),
             )
             row = db.execute("SELECT * FROM attempts WHERE id = ?", (cur.lastrowid,)).fetchone()
         return _row(AttemptRow, row)  # type: ignore[no-any-return]
@@ -244,7 +293,7 @@ class Store:
             values["handle_json"] = json.dumps(values.pop("handle"))
         if hasattr(values.get("status"), "value"):
             values["status"] = values["status"].value
-        cols = ", ".join(f"{k} = ?" for k in values)
+        cols = _assignments(AttemptRow, values, frozen=("id", "job_name"))
         with self.tx() as db:
             db.execute(f"UPDATE attempts SET {cols} WHERE id = ?", (*values.values(), attempt_id))
 
@@ -256,9 +305,6 @@ class Store:
             args.append(run)
         return [_row(AttemptRow, r) for r in self.db.execute(sql + " ORDER BY number", args)]
 
-    def unreleased_attempts(self) -> list[AttemptRow]:
-        return [_row(AttemptRow, r) for r in self.db.execute("SELECT * FROM attempts WHERE released = 0")]
-
     # ---- events ---------------------------------------------------------------------------------
 
     def add_events(self, job: str, attempt: int, events: list[dict[str, Any]], *, log_offset: int | None = None,
@@ -269,6 +315,7 @@ class Store:
 
         With ``expect_offset``, nothing is written (and False returned) unless the attempt's
         stored offset is still that: another process (a second ``status``) ingested those bytes."""
+        now = self.clock.time()
         with self.tx() as db:
             if expect_offset is not None and attempt_id is not None:
                 row = db.execute("SELECT log_offset FROM attempts WHERE id = ?", (attempt_id,)).fetchone()
@@ -276,12 +323,12 @@ class Store:
                     return False
             db.executemany(
                 "INSERT INTO events (job_name, attempt, ts, kind, step_index, payload) VALUES (?, ?, ?, ?, ?, ?)",
-                [(job, attempt, e.get("ts", time.time()), e["event"], e.get("index"), json.dumps(e)) for e in events],
+                [(job, attempt, e.get("ts", now), e["event"], e.get("index"), json.dumps(e)) for e in events],
             )
             if log_offset is not None and attempt_id is not None:
                 db.execute("UPDATE attempts SET log_offset = ? WHERE id = ?", (log_offset, attempt_id))
             if job_update:
-                job_update = {**job_update, "updated_at": time.time()}
+                job_update = {**job_update, "updated_at": self.clock.time()}
                 cols = ", ".join(f"{k} = ?" for k in job_update)
                 db.execute(f"UPDATE jobs SET {cols} WHERE name = ?", (*job_update.values(), job))
         return True
@@ -308,7 +355,7 @@ class Store:
             db.execute(
                 "INSERT INTO ledger (job_name, attempt, ts, seconds, usd, hourly_usd, nodes, spot, note) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job, attempt, time.time(), seconds, usd, hourly_usd, nodes, int(spot), note),
+                (job, attempt, self.clock.time(), seconds, usd, hourly_usd, nodes, int(spot), note),
             )
 
     def bill_until(self, job: str, attempt: int, *, seconds: float, usd_per_s: float, hourly_usd: float,
@@ -324,7 +371,7 @@ class Store:
                 db.execute(
                     "INSERT INTO ledger (job_name, attempt, ts, seconds, usd, hourly_usd, nodes, spot, note) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, '')",
-                    (job, attempt, time.time(), add, add * usd_per_s, hourly_usd, nodes, int(spot)),
+                    (job, attempt, self.clock.time(), add, add * usd_per_s, hourly_usd, nodes, int(spot)),
                 )
         return max(0.0, add)
 
@@ -335,6 +382,15 @@ class Store:
             sql += " AND attempt = ?"
             args.append(attempt)
         return float(self.db.execute(sql, args).fetchone()[0])
+
+    def elapsed_seconds(self, job: str) -> float:
+        """Metered wall time across every attempt of ``job`` (what ``max_hours`` caps)."""
+        row = self.db.execute("SELECT COALESCE(SUM(seconds), 0) FROM ledger WHERE job_name = ?", (job,)).fetchone()
+        return float(row[0])
+
+    def has_jobs_on(self, provider: str) -> bool:
+        """Whether any job ever ran on ``provider``."""
+        return self.db.execute("SELECT 1 FROM jobs WHERE provider = ? LIMIT 1", (provider,)).fetchone() is not None
 
     def metered_seconds(self, job: str, attempt: int) -> float:
         row = self.db.execute(
@@ -347,7 +403,8 @@ class Store:
         with self.tx() as db:
             db.execute(
                 "INSERT INTO calibration (ts, job_name, accelerator, model_params, precision, tokens_per_s) "
-                "VALUES (?, ?, ?, ?, ?, ?)", (time.time(), job, accelerator, model_params, precision, tokens_per_s),
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (self.clock.time(), job, accelerator, model_params, precision, tokens_per_s),
             )
 
     def calibration(self) -> list[sqlite3.Row]:

@@ -138,7 +138,10 @@ class Provider(abc.ABC):
         Contract: idempotent (tearing down twice, or a never-started attempt,
         is fine) and confirmed — it returns only once the provider reports the
         resources gone, and raises ``TeardownError`` otherwise, so the caller
-        retries and never marks a job torn down early."""
+        never marks a job torn down early. Transient failures are retried here,
+        within the provider's own written budget (the one retry layer at this
+        boundary); the manager calls once and leaves an unconfirmed teardown for
+        the next ``status``/``down``/``apply``."""
 
     def wait(self, handle: Handle, timeout_s: float) -> None:
         """Block for up to ``timeout_s`` seconds, returning early when the attempt may have ended.

@@ -15,29 +15,24 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
 from optjob.specs.errors import ProviderError, TeardownError
+from optjob.steps.exit_codes import KILLED_CODES, STOP_CODES
 from optjob.steps.layout import log_path
 
 from .base import AttemptState, Handle, LaunchRequest, Poll, Provider
 
-#: Exit codes the workload uses for a graceful stop (deadline / signal).
-STOP_CODES = (4, 143)
-#: Exit codes meaning the process was killed from outside (SIGKILL: 137 = 128 + 9).
-KILLED_CODES = (137, -9)
 #: How often ``wait`` looks for the exit file.
 WAIT_STEP_S = 0.02
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (one of another user's counts; a zombie child of ours does not)."""
+    if not _signal_ok(os.kill, pid):
         return False
-    except PermissionError:
-        return True
     try:  # a zombie child of ours counts as dead; reap it
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == 0
@@ -47,8 +42,12 @@ def _alive(pid: int) -> bool:
 
 def group_alive(pgid: int) -> bool:
     """Whether any process of group ``pgid`` still runs."""
+    return _signal_ok(os.killpg, pgid)
+
+
+def _signal_ok(send: Callable[[int, int], None], target: int) -> bool:
     try:
-        os.killpg(pgid, 0)
+        send(target, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -171,19 +170,19 @@ class LocalProvider(Provider):
     def _running(self, handle: Handle) -> bool:
         """The wrapper shell or anything else in the attempt's process group still runs (a workload
         whose shell was killed on its own is still running, and must not be relaunched beside)."""
-        return _alive(int(handle.data["pid"])) or group_alive(int(handle.data["pgid"]))
+        return pid_alive(int(handle.data["pid"])) or group_alive(int(handle.data["pgid"]))
 
     def teardown(self, handle: Handle) -> None:
         if not self._running(handle):
             return
         self.stop(handle)
-        deadline = time.time() + 30
-        while time.time() < deadline and self._running(handle):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self._running(handle):
             time.sleep(0.1)
         if self._running(handle):
             self._signal(handle, signal.SIGKILL)
-            deadline = time.time() + 5
-            while time.time() < deadline and self._running(handle):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and self._running(handle):
                 time.sleep(0.05)
         if self._running(handle):
             raise TeardownError(f"process group {handle.data['pgid']} is still alive after SIGKILL")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from optjob.specs.errors import ProviderError, TeardownError
+from optjob.steps.exit_codes import STOP_CODES
 from optjob.steps.layout import JOB_FILE, write_json_atomic
 
 from .base import AttemptState, Handle, LaunchRequest, Poll, Provider
@@ -41,7 +42,6 @@ __all__ = ["SkyPilotProvider", "find_orphans"]
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 OWNER_FILE = "skypilot-managed.json"
-STOP_CODES = (4, 143)
 _LAUNCHING = {"INIT", "PENDING", "SETTING_UP", "STARTING", "SUBMITTED"}
 _RUNNING = {"RUNNING", "WINDING_DOWN", "CANCELLING"}
 _FIXED = {"SUCCEEDED": (AttemptState.SUCCEEDED, 0, ""),

@@ -242,7 +242,11 @@ def _s3_transient(exc: BaseException) -> bool:
 class S3Storage(Storage):
     """``s3://bucket/prefix`` through boto3. Pass ``client`` for another endpoint
     (tests use moto's server); otherwise boto3's default credential chain and
-    ``AWS_ENDPOINT_URL`` apply. Retries transient failures with backoff."""
+    ``AWS_ENDPOINT_URL`` apply.
+
+    Retries: this class is the one layer at the S3 boundary — ``attempts`` (4) tries of each call,
+    waiting ``backoff_s`` doubled each time (1, 2, 4 s: at most 7 s of waiting per call). botocore's
+    own retries are off (``total_max_attempts: 1``), so the two never multiply."""
 
     def __init__(self, url: str, client: Any = None, *, transfer_config: Any = None, attempts: int = 4,
                  backoff_s: float = 1.0, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -254,7 +258,7 @@ class S3Storage(Storage):
         if not m:
             raise StorageError(f"{url!r} is not s3://bucket/prefix")
         self.url, self.bucket, self.root = url.rstrip("/"), m.group(1), m.group(2).strip("/")
-        self.client = client or boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "adaptive"}))
+        self.client = client or boto3.client("s3", config=Config(retries={"total_max_attempts": 1, "mode": "standard"}))
         self.transfer = transfer_config or TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20,
                                                           max_concurrency=8)
         self.attempts, self.backoff_s, self.sleep = attempts, backoff_s, sleep

@@ -21,7 +21,7 @@ PACKAGES = ("specs", "steps", "providers", "manager")
 ALLOWED = {"specs": set(), "steps": {"specs"}, "providers": {"specs", "steps"},
            "manager": {"specs", "steps", "providers"}}
 #: The modules of ``steps`` that ``providers`` may use: stdlib-only contracts of the workload.
-CONTRACTS = {"optjob.steps.layout", "optjob.steps.events"}
+CONTRACTS = {"optjob.steps.layout", "optjob.steps.events", "optjob.steps.exit_codes"}
 HEAVY = ("torch", "transformers", "sky", "boto3", "botocore", "optuna", "peft", "numpy")
 
 

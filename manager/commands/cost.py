@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import click
@@ -17,7 +16,7 @@ def cost_rows(store: Any, name: str) -> dict[str, Any]:
     plan = job.plan if job else {}
     attempts = []
     for a in store.attempts(name):
-        end = a.ended_at or time.time()
+        end = a.ended_at or store.clock.time()
         attempts.append({
             "attempt": a.number, "run": a.run, "status": a.status, "duration_s": round(end - a.started_at, 2),
             "hourly_usd": a.hourly_usd, "nodes": a.nodes, "spot": bool(a.spot),
@@ -33,7 +32,7 @@ def cost_rows(store: Any, name: str) -> dict[str, Any]:
 
 
 def cost_command(name: str | None, as_json: bool) -> None:
-    from ..render import duration, money
+    from ..units import duration, money
 
     store = open_store()
     if name:

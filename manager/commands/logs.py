@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import click
 
 from ..store import open_store
@@ -30,4 +28,4 @@ def logs_command(name: str, *, follow: bool) -> None:
         if not follow or current is None or current.status.is_terminal():
             return
         common.reconcile_all(store, [current])
-        time.sleep(0.5)
+        store.clock.sleep(0.5)

@@ -80,7 +80,7 @@ def orphan_warning(store: Store, *, client: SkyClient | None = None,
                    timeout_s: float = ORPHAN_CHECK_S) -> str | None:
     """What ``optjob list`` prints about orphans, or None — also whenever the check cannot be
     made quickly (no SkyPilot job, no cloud extra, API server down or slow)."""
-    if store.db.execute("SELECT 1 FROM jobs WHERE provider = 'skypilot' LIMIT 1").fetchone() is None:
+    if not store.has_jobs_on("skypilot"):
         return None
     if client is None and (importlib.util.find_spec("sky") is None or local_api_server_down()):
         return None

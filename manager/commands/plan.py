@@ -12,15 +12,15 @@ if TYPE_CHECKING:
 
 
 def check_feasible(plan: Plan) -> None:
-    if not plan.budget.get("fits", True):
-        over = plan.budget.get("over_by_usd") or 0.0
-        if over > 0 and plan.chosen is not None:
+    budget = plan.budget
+    if not budget.fits:
+        if budget.over_by_usd > 0 and plan.chosen is not None and budget.max_usd is not None:
             raise PlanInfeasible(
                 f"{plan.name}: the cheapest way to complete costs ${plan.chosen.est_usd:.2f}, "
-                f"${over:.2f} over budget.max_usd ${plan.budget.get('max_usd'):.2f}",
+                f"${budget.over_by_usd:.2f} over budget.max_usd ${budget.max_usd:.2f}",
                 hint="raise the budget, shrink the steps, or allow cheaper resources",
             )
-        raise PlanInfeasible(f"{plan.name}: {plan.budget.get('reason') or 'the plan does not fit the budget'}",
+        raise PlanInfeasible(f"{plan.name}: {budget.reason or 'the plan does not fit the budget'}",
                              hint="raise budget.max_hours, shrink the steps, or allow faster resources")
     if plan.chosen is None:
         raise PlanInfeasible(f"{plan.name}: no offer satisfies resources ({'; '.join(plan.notes) or 'none found'})")

@@ -13,7 +13,7 @@ def prices_command(gpu: str | None, spot: bool, cloud: str, region: str | None, 
 
     from ..pricing import find_offers
     from ..pricing.sources import current_catalog
-    from ..render import money
+    from ..units import money
 
     try:
         resources = ResourcesSpec(cloud=cloud, accelerators=gpu, spot=True if spot else "auto",  # type: ignore[arg-type]

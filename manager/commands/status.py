@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import click
@@ -21,7 +20,7 @@ def job_summary(store: Store, job: JobRow) -> dict[str, Any]:
     attempts = store.attempts(job.name)
     spent = store.spend(job.name)
     start = job.started_at or job.created_at
-    elapsed = (job.ended_at or time.time()) - start
+    elapsed = (job.ended_at or store.clock.time()) - start
     running = [a for a in attempts if not a.ended_at]
     burn = sum(a.hourly_usd * a.nodes for a in running)
     return {

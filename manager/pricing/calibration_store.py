@@ -7,8 +7,6 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING, Any
 
-from optjob.specs import JobSpec
-
 from .. import paths
 from ..store import Store
 
@@ -36,7 +34,7 @@ def record_calibration(store: Store, name: str, plan: Plan) -> int:
     job = store.job(name)
     if job is None:
         return 0
-    spec = JobSpec.model_validate_json(job.spec_json)
+    spec = job.spec()
     params = model_params(spec.model)[0]
     accelerator = "cpu" if plan.local or not plan.chosen or not plan.chosen.accelerators else plan.chosen.accelerators
     by_step: dict[int, list[float]] = {}

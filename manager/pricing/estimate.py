@@ -72,11 +72,6 @@ class Estimate:
     #: The same run on demand: for a spot offer, the fallback if spot capacity is lost.
     ondemand_usd: float | None = None
 
-    @property
-    def total_seconds(self) -> float:
-        return self.total_hours * 3600.0
-
-
 def overhead_seconds(spec: JobSpec, offer: Offer, *, spot: bool | None = None) -> float:
     """Provisioning + setup + model download; every step also pays :data:`STEP_FIXED_S`."""
     spot = offer.spot if spot is None else spot

@@ -45,10 +45,6 @@ class Offer:
     #: Why the price is not a plain catalog price (e.g. taken from ``resources.hourly_usd``).
     price_note: str | None = None
 
-    @property
-    def is_cloud(self) -> bool:
-        return self.cloud not in _FLAT_CLOUDS
-
     def describe(self) -> str:
         if self.cloud == "local":
             return f"this machine at ${self.hourly_usd:.4f}/h"

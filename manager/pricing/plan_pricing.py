@@ -81,7 +81,6 @@ def price_plan(spec: JobSpec, plan: Plan) -> Plan:
                       for s in plan.steps)
     notes = tuple(dict.fromkeys([*live_notes, *(est.notes if est else []),
                                  *([] if choice.fits else [choice.reason])]))
-    budget = {**plan.budget, "fits": choice.fits, "over_by_usd": round(choice.over_by_usd, 6),
-              "reason": choice.reason}
+    budget = replace(plan.budget, fits=choice.fits, over_by_usd=round(choice.over_by_usd, 6), reason=choice.reason)
     return replace(plan, offers=tuple(rows), chosen=chosen, steps=steps, budget=budget, notes=notes,
                    calibrated_runs=est.calibrated_runs if est else 0)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import os
-import tempfile
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
+
+from optjob.steps.layout import write_bytes_atomic
 
 from .catalog import SUPPORTED_CLOUDS, CatalogRow, read_vms
 
@@ -79,16 +81,13 @@ def build_snapshot(catalog_dir: str | os.PathLike[str],
 
 def write_snapshot(rows: list[dict[str, str]], dest: str | os.PathLike[str]) -> Path:
     """Write atomically (a half-written price file would misprice every plan)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".prices-", suffix=".csv", dir=dest.parent)
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
-    return dest
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    written = write_bytes_atomic(Path(dest), text.getvalue().encode("utf-8"))
+    written.chmod(0o644)
+    return written
 
 
 def download_catalog(dest_dir: str | os.PathLike[str], timeout: float = 60.0) -> Path:

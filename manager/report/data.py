@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +79,7 @@ def _read_json(path: Path) -> Rec | None:
 def _attempts(store: Store, name: str) -> list[Rec]:
     return [{
         "number": a.number, "run": a.run, "status": a.status, "started_at": a.started_at,
-        "ended_at": a.ended_at, "duration_s": max(0.0, (a.ended_at or time.time()) - a.started_at),
+        "ended_at": a.ended_at, "duration_s": max(0.0, (a.ended_at or store.clock.time()) - a.started_at),
         "hourly_usd": a.hourly_usd, "nodes": a.nodes, "spot": bool(a.spot),
         "usd": store.spend(name, a.number), "exit_code": a.exit_code, "detail": a.detail,
     } for a in store.attempts(name)]

@@ -17,7 +17,8 @@ from typing import Any
 
 Rec = dict[str, Any]
 LOSS_SVG, TRADEOFF_SVG = "loss_curves.svg", "tradeoff.svg"
-OLD_PLOTS = ("loss_curves.png", "tradeoff.png")  # the matplotlib plots of earlier reports
+#: The matplotlib plots of reports written before 0.1: removed when a report is rewritten.
+OLD_PLOTS = ("loss_curves.png", "tradeoff.png")
 Tick = tuple[float, str]  # (pixel, label)
 LINES = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 VIRIDIS = ("#440154", "#414487", "#2a788e", "#22a884", "#7ad151", "#fde725")

@@ -3,6 +3,7 @@ shared by the markdown and the HTML page."""
 
 from __future__ import annotations
 
+from ..units import duration
 from .data import Rec
 
 
@@ -26,13 +27,7 @@ def _scaled(n: float | None, units: tuple[str, str, str, str], spec: str) -> str
 
 
 def fmt_s(s: float | None) -> str:
-    if s is None:
-        return "–"
-    if s < 60:
-        return f"{s:.1f}s"
-    if s < 3600:
-        return f"{int(s // 60)}m {int(s % 60):02d}s"
-    return f"{int(s // 3600)}h {int(s % 3600 // 60):02d}m"
+    return duration(s, tenths=True, missing="–")
 
 
 def fmt(v: float | None, spec: str, suffix: str = "") -> str:

@@ -157,7 +157,7 @@ def test_write_report(store: Store) -> None:
     assert "105.00 (+5.0%)" in md and "2.1 MB (−48%)" in md and "12,345" in md
     assert "| 1 ★ |" in md and "| 0 |" in md and "PRUNED" in md
     assert "![Loss curves](loss_curves.svg)" in md and "(tradeoff.svg)" in md
-    assert "| 1 | succeeded | 6m 00s | 0.50 | 1 | no | 1.0000 |" in md
+    assert "| 1 | succeeded | 6m00s | 0.50 | 1 | no | 1.0000 |" in md
     page = (job_dir / "report.html").read_text()
     assert page.count("<svg ") == 2 and page.count("</svg>") == 2 and "data:image" not in page
     assert "<!DOCTYPE html>" in page and "3 quantize (int8)" in page and 'class="better"' in page

@@ -149,3 +149,48 @@ def test_claim_looks_again_when_the_job_changed_during_the_check(tmp_path: Path)
     con.close()
     assert verdicts == [999999999, 424242]  # asked again about the new owner
     assert attach and job.owner_pid == 424242 and job.run == 1  # followed it: no second run started
+
+
+def test_update_refuses_a_column_the_row_type_does_not_have(tmp_path: Path):
+    """Column names in an UPDATE come from the row dataclasses only, never from a caller's key."""
+    store = Store(tmp_path / "state.db")
+    _claim(store)
+    a = store.add_attempt("job", run=1, provider="local", hourly_usd=1.0, nodes=1, spot=False)
+    with pytest.raises(ValueError, match="no updatable column"):
+        store.update_job("job", **{"status = 'failed', name": "x"})
+    with pytest.raises(ValueError, match="no updatable column"):
+        store.update_attempt(a.id, job_name="other")
+    job = store.job("job")
+    assert job is not None and job.status == JobStatus.PENDING
+
+
+def test_timestamps_come_from_the_injected_clock(tmp_path: Path):
+    from optjob.manager.clock import ManualClock
+
+    clock = ManualClock(start=1000.0)
+    store = Store(tmp_path / "state.db", clock=clock)
+    _claim(store)
+    a = store.add_attempt("job", run=1, provider="local", hourly_usd=3600.0, nodes=1, spot=False)
+    assert a.started_at == 1000.0
+    clock.advance(5.0)
+    from optjob.manager.meter import meter
+
+    assert meter(store, a) == pytest.approx(5.0)  # $1/s for the 5 s the clock moved, no sleeping
+
+
+def test_a_stored_spec_with_a_key_a_later_version_dropped_still_reads(tmp_path: Path):
+    """An upgrade that removes a field must not stop a stored job from resuming."""
+    import json
+
+    from optjob.manager.store import read_stored_spec
+    from optjob.specs import loads_spec
+
+    stored = json.loads(loads_spec("name: old\nmodel: {init: {}}\nsteps: [{train: {max_steps: 7}}]\n")
+                        .model_dump_json())
+    stored["retired_top_level"] = 1
+    stored["steps"][0]["train"]["retired_option"] = True
+    spec = read_stored_spec(json.dumps(stored))
+    assert spec.name == "old" and spec.pipeline[0].max_steps == 7  # type: ignore[attr-defined]
+    stored["steps"][0]["train"]["max_steps"] = "many"  # a real error is still one
+    with pytest.raises(ValueError):
+        read_stored_spec(json.dumps(stored))

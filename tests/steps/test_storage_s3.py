@@ -186,3 +186,11 @@ def test_errors_are_actionable(s3: Any, tmp_path: Path) -> None:
         store.sync_up(make_folder(tmp_path / "f", seed=1), "f")
     with pytest.raises(StorageError, match="s3://bucket/prefix"):
         S3Storage("s3://", client=s3)
+
+
+def test_one_retry_layer_at_the_s3_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """optjob's loop retries; botocore's own retries are off, so 4 x 8 attempts never stack."""
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    store = S3Storage("s3://some-bucket/x")
+    assert store.client.meta.config.retries == {"total_max_attempts": 1, "mode": "standard"}
+    assert store.attempts == 4
