@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: The largest seed: numpy's RandomState (optuna's samplers) takes seeds below 2**32, and torch and
+#: ``random`` take these too. A larger one would pass validation and fail on the node, after money
+#: is spent ("Overflow when unpacking long long").
+SEED_MAX = 2**32 - 1
+#: A random seed; every seed field of the spec has this type.
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+#: Upper bound of step counts (max_steps, warmup, eval/checkpoint/log intervals, trial_steps...).
+MAX_STEPS = 10_000_000
+#: Upper bound of batch sizes (sequences).
+MAX_BATCH = 65_536
 
 
 class StrictModel(BaseModel):

@@ -20,7 +20,7 @@ class DataSpec(StrictModel):
     """Tokens per training sequence."""
     eval_fraction: float = Field(0.05, gt=0.0, le=0.5)
     """Share of the text held out for evaluation (taken from the end)."""
-    max_chars: int | None = Field(None, ge=1000)
+    max_chars: int | None = Field(None, ge=1000, le=10**13)
     """Use at most this many characters of the source (default: all)."""
     text_field: str = Field("text", min_length=1, max_length=128)
     """The field that holds text in .jsonl files and hub datasets."""

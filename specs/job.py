@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import types
+import typing
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
 from .base import StrictModel
 from .data import DataSpec
@@ -13,6 +16,7 @@ from .resources import BudgetSpec, ResourcesSpec, StorageSpec, Teardown
 from .steps import (
     STEP_TYPES,
     DistillStep,
+    Distribution,
     EvaluateStep,
     HpoStep,
     PruneStep,
@@ -149,6 +153,7 @@ def _check_hpo(spec: JobSpec, steps: list[StepBase], i: int, step: HpoStep) -> N
             if parts[2] not in HPO_ARCH_FIELDS:
                 raise PathError(where, f"model.init.{parts[2]} cannot be searched; "
                                        f"use one of {', '.join(HPO_ARCH_FIELDS)}")
+            _check_space_values(where, ModelInit, parts[2], step.space[key])
             continue
         if len(parts) == 2 and parts[0] in ("train", "distill"):
             if parts[0] != nxt.kind:
@@ -156,5 +161,40 @@ def _check_hpo(spec: JobSpec, steps: list[StepBase], i: int, step: HpoStep) -> N
             fields = STEP_TYPES[parts[0]].model_fields
             if parts[1] not in fields or parts[1] in ("early_stopping", "student", "betas"):
                 raise PathError(where, f"{parts[0]} has no searchable field {parts[1]!r}")
+            _check_space_values(where, STEP_TYPES[parts[0]], parts[1], step.space[key])
             continue
         raise PathError(where, f"{key!r} names no field; use train.FIELD, distill.FIELD or model.init.FIELD")
+
+
+@functools.cache
+def _field_adapter(owner: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    """A validator for one field of ``owner``: its type with its bounds."""
+    info = owner.model_fields[name]
+    annotation: Any = info.annotation
+    if info.metadata:
+        annotation = Annotated[(annotation, *info.metadata)]
+    return TypeAdapter(annotation)
+
+
+def _check_space_values(where: tuple[str | int, ...], owner: type[BaseModel], name: str, dist: Distribution) -> None:
+    """Every value a search dimension can produce must be valid for the field it sets, so a search
+    over ``train.batch_size: {int: [1, 10000000]}`` fails here, not in a trial after money is spent.
+    Field-level only (its type and bounds); checks across fields happen when a trial's options are built."""
+    adapter = _field_adapter(owner, name)
+    key = next(k for k in ("log_uniform", "uniform", "int", "choice") if getattr(dist, k) is not None)
+    values: list[Any] = list(getattr(dist, key))
+    if key in ("log_uniform", "uniform") and _is_int_field(owner, name):
+        raise PathError((*where, key), f"{name} is an integer: search it with int: [low, high] or choice: [...]")
+    for n, value in enumerate(values):
+        try:
+            adapter.validate_python(value)
+        except ValidationError as exc:
+            why = exc.errors()[0]["msg"] if exc.errors() else str(exc)
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise PathError((*where, key, n), f"{shown} is not a valid {name}: {why}") from None
+
+
+def _is_int_field(owner: type[BaseModel], name: str) -> bool:
+    annotation = owner.model_fields[name].annotation
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    return annotation is int or (int in args and float not in args)

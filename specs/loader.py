@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 import types
 import typing
 from pathlib import Path
@@ -57,18 +58,57 @@ _Loader.yaml_implicit_resolvers = {
 def load_spec(path: str | os.PathLike[str]) -> JobSpec:
     """Read and validate a spec file. Raises ``SpecError`` and nothing else."""
     p = Path(path)
+    return loads_spec(read_user_file(p, what="spec"), source=str(p))
+
+
+def read_user_file(path: Path, *, what: str = "spec", limit: int = MAX_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, or one ``SpecError``.
+
+    Anything else is refused before a byte is read: a FIFO would block the reader forever,
+    ``/dev/zero`` or ``/dev/urandom`` never end, a directory is not a file. The file is opened
+    non-blocking (so opening a FIFO returns at once) and checked on the open descriptor, so a
+    path swapped for something else between a check and the read cannot slip through; at most
+    ``limit + 1`` bytes are ever read, however the file grows meanwhile."""
     try:
-        size = p.stat().st_size
-        if size > MAX_BYTES:
-            raise SpecError(f"{p}: file is {size:,} bytes; a spec is at most {MAX_BYTES:,}")
-        raw = p.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory; give a {what} file") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise SpecError(f"{path}: is a directory; give a {what} file")
+        if not stat.S_ISREG(st.st_mode):
+            raise SpecError(f"{path}: is {_file_kind(st.st_mode)}, not a regular file; give a {what} file")
+        if st.st_size > limit:
+            raise SpecError(f"{path}: file is {st.st_size:,} bytes; a {what} is at most {limit:,}")
+        os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
     except SpecError:
         raise
-    except IsADirectoryError:
-        raise SpecError(f"{p}: is a directory; give a spec file") from None
     except OSError as exc:
-        raise SpecError(f"{p}: cannot read: {exc.strerror or exc}") from None
-    return loads_spec(raw, source=str(p))
+        raise SpecError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise SpecError(f"{path}: file grew past {limit:,} bytes while being read; a {what} is at most {limit:,}")
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def loads_spec(text: str | bytes, source: str = "<spec>") -> JobSpec:
@@ -81,11 +121,6 @@ def loads_spec(text: str | bytes, source: str = "<spec>") -> JobSpec:
         raise SpecError(lines[0], errors=lines) from None
     except RecursionError:
         raise SpecError(f"{source}: document is nested too deeply") from None
-
-
-def parse_yaml(text: str | bytes, source: str = "<spec>") -> tuple[yaml.Node, Any]:
-    """Safely parse YAML with the loader's limits: (node tree with marks, Python data)."""
-    return _parse(text, source)
 
 
 def _parse(text: str | bytes, source: str) -> tuple[yaml.Node, Any]:

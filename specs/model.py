@@ -77,7 +77,7 @@ class ModelSpec(StrictModel):
     """A local ``save_pretrained`` directory."""
     tokenizer: str = Field("builtin", min_length=1, max_length=4096)
     """``builtin`` (byte-level BPE trained on the data), a hub id, or a local path."""
-    params: int | None = Field(None, ge=1)
+    params: int | None = Field(None, ge=1, le=10**14)
     """Parameter count, for planning a hub or path model without downloading it."""
 
     @model_validator(mode="after")

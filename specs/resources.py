@@ -46,7 +46,7 @@ class ResourcesSpec(StrictModel):
     """Zone within the region (default: any)."""
     nodes: int = Field(1, ge=1, le=1024)
     """Number of nodes (multi-node runs use torchrun)."""
-    cpus: int | None = Field(None, ge=1)
+    cpus: int | None = Field(None, ge=1, le=65536)
     """Minimum vCPUs per node."""
     memory: SizeGb | None = None
     """Minimum memory per node, e.g. '32GB'."""

@@ -14,13 +14,13 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BeforeValidator, Discriminator, Field, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
-from .base import StrictModel
+from .base import MAX_BATCH, MAX_STEPS, Seed, StrictModel
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class EarlyStopping(StrictModel):
-    patience: int = Field(3, ge=1)
+    patience: int = Field(3, ge=1, le=1_000_000)
     """Evaluations without improvement before stopping."""
     min_delta: float = Field(0.0, ge=0.0)
     """Smallest eval-loss decrease that counts as an improvement."""
@@ -35,7 +35,7 @@ class StepBase(StrictModel):
 class TrainOptions(StepBase):
     """Options shared by every step that runs an optimizer loop."""
 
-    max_steps: int = Field(100, ge=1, le=10_000_000)
+    max_steps: int = Field(100, ge=1, le=MAX_STEPS)
     """Optimizer steps."""
     lr: float = Field(3e-4, gt=0.0, le=10.0)
     """Peak learning rate."""
@@ -47,11 +47,11 @@ class TrainOptions(StepBase):
     """AdamW betas."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate schedule after warmup."""
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     """Linear warmup steps."""
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     """Decoupled weight decay."""
-    batch_size: int = Field(8, ge=1, le=65536)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH)
     """Sequences per micro-batch in all (the global batch: split evenly across processes under torchrun)."""
     grad_accum: int = Field(1, ge=1, le=4096)
     """Micro-batches accumulated per optimizer step."""
@@ -59,15 +59,15 @@ class TrainOptions(StepBase):
     """Clip the gradient norm to this value (null: no clipping)."""
     precision: Precision = "fp32"
     """fp32, or bf16/fp16 autocast."""
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     """Seed for init, data order and dropout: same seed, same result."""
-    eval_every: int | None = Field(None, ge=1)
+    eval_every: int | None = Field(None, ge=1, le=MAX_STEPS)
     """Evaluate on the eval split every N steps (and at the end)."""
-    eval_batches: int = Field(8, ge=1)
+    eval_batches: int = Field(8, ge=1, le=1_000_000)
     """Batches per periodic evaluation."""
-    checkpoint_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(50, ge=1, le=MAX_STEPS)
     """Write a resumable checkpoint every N steps."""
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1, le=MAX_STEPS)
     """Emit a progress event every N steps."""
     early_stopping: EarlyStopping | None = None
     """Stop when eval loss stops improving (needs eval_every)."""
@@ -101,14 +101,18 @@ class EvaluateStep(StepBase):
     kind: ClassVar[str] = "evaluate"
     metrics: list[Metric] = Field(default_factory=lambda: list(DEFAULT_METRICS))
     """Which measurements to take."""
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH)
     """Sequences per evaluation batch."""
-    max_batches: int | None = Field(None, ge=1)
+    max_batches: int | None = Field(None, ge=1, le=MAX_STEPS)
     """Evaluate on at most this many batches (default: the whole eval split)."""
     latency_repeats: int = Field(5, ge=1, le=1000)
     """Least repeats for latency medians (more, up to 10x, until 0.15 s has been timed)."""
     generate_tokens: int = Field(32, ge=1, le=4096)
     """Tokens to generate when timing generation."""
+
+
+#: optuna keeps every parameter as a float internally: integers beyond 2**53 would not round-trip.
+_SearchInt = Annotated[builtins.int, Field(ge=-(2**53), le=2**53)]
 
 
 class Distribution(StrictModel):
@@ -118,7 +122,7 @@ class Distribution(StrictModel):
     """Float sampled log-uniformly in [low, high]."""
     uniform: tuple[float, float] | None = None
     """Float sampled uniformly in [low, high]."""
-    int: tuple[builtins.int, builtins.int] | None = None
+    int: tuple[_SearchInt, _SearchInt] | None = None
     """Integer in [low, high]."""
     choice: list[Any] | None = Field(None, min_length=1)
     """One of these values."""
@@ -149,55 +153,87 @@ class HpoStep(StepBase):
     """What a trial reports."""
     direction: Literal["minimize", "maximize"] = "minimize"
     """Whether lower or higher is better."""
-    trial_steps: int = Field(60, ge=1)
+    trial_steps: int = Field(60, ge=1, le=MAX_STEPS)
     """Optimizer steps per trial."""
     pruner: Literal["median", "none"] = "median"
     """Stop unpromising trials early."""
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     """Sampler seed."""
     space: dict[str, Distribution] = Field(min_length=1)
     """Search space: ``train.lr``, ``distill.alpha``, ``model.init.layers``, ..."""
 
 
+class Calibration(StrictModel):
+    """Calibration data of a one-shot method: random windows of the job's train split."""
+
+    samples: int = Field(128, ge=1, le=1_000_000)
+    """Windows (the Wanda, SparseGPT and GPTQ papers use 128)."""
+    seq_len: int | None = Field(None, ge=2, le=1_048_576)
+    """Tokens per window (default: data.seq_len)."""
+    seed: Seed = 0
+    """Which windows are drawn."""
+
+
+#: unstructured, or N:M: N of every M consecutive input weights of each output row are zeroed.
+SparsityPattern = Literal["unstructured", "2:4", "4:8"]
+_ONE_SHOT_PRUNE = ("wanda", "sparsegpt")
+
+
 class PruneStep(StepBase):
-    """Remove weights (magnitude) or whole neurons and heads (structured)."""
+    """Remove weights (magnitude, wanda, sparsegpt) or whole neurons and heads (structured)."""
 
     kind: ClassVar[str] = "prune"
     trains: ClassVar[bool] = True
-    method: Literal["magnitude", "structured"] = "magnitude"
-    """magnitude: global unstructured L1; structured: drop MLP neurons / attention heads."""
+    method: Literal["magnitude", "structured", "wanda", "sparsegpt"] = "magnitude"
+    """magnitude: global L1; wanda: |W| x input norm per output row; sparsegpt: one-shot with
+    weight reconstruction (both calibrated layer by layer); structured: drop MLP neurons / attention heads."""
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
-    """Fraction of Linear weights zeroed (magnitude)."""
+    """Fraction of Linear weights zeroed (magnitude, wanda, sparsegpt; an N:M pattern fixes it at N/M)."""
+    pattern: SparsityPattern = "unstructured"
+    """unstructured, or N:M (2:4 is the sparsity NVIDIA sparse tensor cores run): magnitude, wanda, sparsegpt."""
+    calibration: Calibration = Field(default_factory=Calibration)
+    """Calibration windows (wanda, sparsegpt)."""
     mlp_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     """Fraction of MLP neurons removed per layer (structured)."""
     heads_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     """Fraction of attention heads removed per layer (structured)."""
-    recover_steps: int = Field(0, ge=0)
+    recover_steps: int = Field(0, ge=0, le=MAX_STEPS)
     """Fine-tune steps after pruning, masks kept."""
     lr: float = Field(1e-4, gt=0.0)
     """Learning rate of the recovery fine-tune."""
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH)
     """Batch size of the recovery fine-tune."""
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     """Seed of the recovery fine-tune."""
 
     @model_validator(mode="after")
     def _checks(self) -> PruneStep:
         if self.method == "structured" and self.mlp_fraction == 0 and self.heads_fraction == 0:
             raise ValueError("structured pruning needs mlp_fraction or heads_fraction above 0")
+        # Options are checked against their defaults, not against what was written: a dumped
+        # and re-validated spec (job.json, the dry run's proxy) carries every field.
+        if self.pattern != "unstructured":
+            if self.method == "structured":
+                raise ValueError(f"pattern {self.pattern} applies to magnitude, wanda and sparsegpt, not structured")
+            n, m = (int(x) for x in self.pattern.split(":"))
+            if self.sparsity != n / m:
+                raise ValueError(f"pattern {self.pattern} zeroes exactly {n / m:g} of the weights; "
+                                 f"drop sparsity or set it to {n / m:g}")
+        if self.calibration != Calibration() and self.method not in _ONE_SHOT_PRUNE:
+            raise ValueError(f"calibration applies to wanda and sparsegpt, not {self.method}")
         return self
 
 
 class StudentSpec(StrictModel):
     """The student's architecture as changes to the teacher's."""
 
-    layers: int | None = Field(None, ge=1)
+    layers: int | None = Field(None, ge=1, le=256)
     """Student layers."""
-    hidden: int | None = Field(None, ge=8)
+    hidden: int | None = Field(None, ge=8, le=65536)
     """Student width (forces init: random)."""
-    heads: int | None = Field(None, ge=1)
+    heads: int | None = Field(None, ge=1, le=512)
     """Student heads."""
-    intermediate: int | None = Field(None, ge=8)
+    intermediate: int | None = Field(None, ge=8, le=262144)
     """Student MLP width."""
 
 
@@ -216,7 +252,8 @@ class DistillStep(TrainOptions):
     """Weight of the KL term; 1 - alpha weighs the hard-label loss."""
 
 
-QuantMethod = Literal["fp16", "bf16", "int8-dynamic", "int8-weight", "int4-weight"]
+QuantMethod = Literal["fp16", "bf16", "int8-dynamic", "int8-weight", "int4-weight", "gptq", "rtn"]
+_GROUPWISE = ("gptq", "rtn")
 
 
 class QuantizeStep(StepBase):
@@ -224,9 +261,23 @@ class QuantizeStep(StepBase):
 
     kind: ClassVar[str] = "quantize"
     method: QuantMethod = "int8-dynamic"
-    """fp16/bf16 cast, int8-dynamic (torch), int8-weight/int4-weight (torchao)."""
-    group_size: int = Field(128, ge=16)
-    """Group size for int4-weight."""
+    """fp16/bf16 cast, int8-dynamic (torch), int8-weight/int4-weight (torchao), gptq (calibrated,
+    layer by layer) / rtn (round to nearest): group-wise asymmetric int4/int8 weights."""
+    group_size: int = Field(128, ge=16, le=65536)
+    """Inputs per quantization group (int4-weight, gptq, rtn)."""
+    bits: Literal[4, 8] = 4
+    """Bits per weight (gptq, rtn)."""
+    calibration: Calibration = Field(default_factory=Calibration)
+    """Calibration windows (gptq)."""
+
+    @model_validator(mode="after")
+    def _checks(self) -> QuantizeStep:
+        # Against the defaults, as PruneStep does (a re-validated dump carries every field).
+        if self.bits != 4 and self.method not in _GROUPWISE:
+            raise ValueError(f"bits applies to gptq and rtn; {self.method} fixes its own width")
+        if self.calibration != Calibration() and self.method != "gptq":
+            raise ValueError(f"calibration applies to gptq, not {self.method}")
+        return self
 
 
 STEP_TYPES: dict[str, type[StepBase]] = {
@@ -315,6 +366,7 @@ Step = Annotated[StepEntry, BeforeValidator(_check_entry)]
 
 __all__ = [
     "STEP_TYPES",
+    "Calibration",
     "DistillStep",
     "Distribution",
     "EvaluateStep",

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from optjob.specs.errors import StepError
 
-from . import layout
+from . import layout, records
 
-MANIFEST = "manifest.json"
+MANIFEST = records.MANIFEST
 KEEP = 2
 #: Called as ``hook(folder, step)`` once a checkpoint is in place (``steps.sync`` uploads it).
 on_checkpoint: list[Callable[[Path, int], None]] = []
@@ -130,24 +130,19 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def verify(folder: Path) -> bool:
-    """True if the manifest is readable and every file it lists has its recorded sha256."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files = manifest["files"]
-        if "meta.json" not in files:
-            return False
-        return all(_sha256(folder / name) == digest for name, digest in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    """True if the manifest is a valid record for this folder, every file it lists has its recorded
+    sha256, and meta.json is a valid record of the same step (``records.checkpoint_problem``)."""
+    return records.checkpoint_problem(folder) is None
 
 
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
     for folder in list_checkpoints(root):
-        if verify(folder):
+        problem = records.checkpoint_problem(folder)
+        if problem is None:
             return folder
         print(
-            f"checkpoint {folder} is incomplete or corrupt: skipping it",
+            f"checkpoint {folder} is incomplete or corrupt ({problem}): skipping it",
             file=sys.stderr,
             flush=True,
         )
@@ -157,8 +152,12 @@ def latest_checkpoint(root: Path) -> Path | None:
 def load_checkpoint(
     folder: Path, map_location: Any = "cpu"
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(parts, meta)`` of a checkpoint written by ``save_checkpoint``."""
-    meta = json.loads((folder / "meta.json").read_text())
+    """``(parts, meta)`` of a checkpoint written by ``save_checkpoint`` (``meta`` as written:
+    the keys its writer put there)."""
+    try:
+        meta = records.read(records.CheckpointMeta, folder / records.META).model_dump(exclude_unset=True)
+    except records.InvalidRecord as exc:  # latest_checkpoint skips these: only a folder changed since
+        raise StepError(f"checkpoint {folder} cannot be resumed: {exc}") from None
     parts = {}
     for file in sorted(folder.glob("*.pt")):
         # Our own files: RNG states hold numpy/python objects that weights_only refuses.

@@ -9,6 +9,7 @@ import ast
 import hashlib
 import json
 import os
+import stat
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -174,6 +175,13 @@ def _path_text(path: Path, field: str) -> str:
 
 
 def _file_text(path: Path, field: str) -> str:
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise StepError(f"cannot read data file {str(path)!r}: {exc}") from None
+    if not stat.S_ISREG(mode):  # a FIFO blocks the read forever, /dev/zero never ends
+        raise StepError(f"data source {str(path)!r} is not a regular file (a pipe or a device?); "
+                        "give a .txt/.jsonl file or a folder")
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -10,9 +10,11 @@ Every event has ``event`` (a kind below), ``ts`` (unix seconds) and ``v``
 
 ============== ==================================================================
 step_started   index, kind, total (number of steps)
-progress       index, kind, step, max_steps, loss, lr, tokens, tokens_per_s
+progress       index, kind, step, max_steps, loss, lr, tokens, tokens_per_s; hpo: after each
+               trial, step = trials finished of max_steps = trials, trial, state, loss (the
+               trial's eval loss) and best (the best value so far) where there are numbers
 metrics        index, kind, metrics {eval_loss, perplexity, accuracy, ...}, step?
-checkpoint     index, kind, step, path
+checkpoint     index, kind, step, path (hpo: the study, saved after each trial; step as progress)
 trial          index, number, params, value, state (hpo)
 step_done      index, kind, output (model dir), wall_s, metrics, skipped (bool)
 stopped        index, reason ("deadline" | "signal"), step

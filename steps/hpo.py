@@ -7,6 +7,16 @@ heartbeat; on start, a trial left RUNNING by a killed attempt is failed and re-q
 with the same parameters (``RetryHeartbeatStaleTrialCallback``, optuna 5's name for
 ``RetryFailedTrialCallback``). A trial interrupted by a stop request is re-queued too.
 
+A resumed search samples exactly what an uninterrupted one would. A trial's slot is its place in
+the search (a retry takes the slot of the trial it retries, ``slot_of``); random and TPE draw each
+trial's parameters with a fresh sampler seeded from ``(seed, slot)`` (``TrialSeededSampler``), so
+random is a function of the seed alone and TPE of the seed and the finished trials; grid gives slot
+``n`` the ``n``-th point of an order fixed by the seed (``GridBySlot``).
+
+After each trial the step emits ``trial``, ``checkpoint`` (the study is saved) and ``progress``
+(``step`` = trials finished of ``max_steps`` = trials), so the manager shows the search advancing
+and a preemption rehearsal (which counts progress events) can kill it between trials.
+
 Each trial trains a copy of the incoming model (or, when ``model.init.*`` keys are
 searched, a model rebuilt from the changed init) for ``trial_steps`` with no
 checkpoints and no events, then scores it on the eval split. The step returns the
@@ -18,8 +28,11 @@ applies to the spec with ``apply_overrides`` before the next step runs.
 from __future__ import annotations
 
 import copy
+import hashlib
+import itertools
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
@@ -27,6 +40,7 @@ from optjob.specs import DistillStep, HpoStep, JobSpec, StepBase, TrainOptions
 from optjob.specs.errors import StepError
 from optjob.specs.model import ModelInit
 from optjob.specs.steps import Distribution, EvaluateStep
+from optuna.distributions import BaseDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
@@ -121,12 +135,95 @@ def grid_space(space: dict[str, Distribution]) -> dict[str, list[Any]]:
     return out
 
 
-def make_sampler(step: HpoStep, seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(step: HpoStep) -> optuna.samplers.BaseSampler:
+    """The study's sampler: every trial's parameters a function of the seed, the trial's slot
+    (``slot_of``) and, for TPE, the finished trials, so an interrupted search resumes exactly."""
     if step.sampler == "grid":
-        return optuna.samplers.GridSampler(grid_space(step.space), seed=seed)
+        return GridBySlot(grid_space(step.space), step.seed)
     if step.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+        return TrialSeededSampler(lambda seed: optuna.samplers.RandomSampler(seed=seed), step.seed)
+    return TrialSeededSampler(lambda seed: optuna.samplers.TPESampler(seed=seed), step.seed)
+
+
+def trial_seed(seed: int, slot: int) -> int:
+    """The seed of the sampler that draws slot ``slot``'s parameters: a hash of ``(seed, slot)``
+    (so seeds 11 and 12 do not give the same trials shifted by one), below 2**32 as numpy needs."""
+    return int.from_bytes(hashlib.sha256(f"optjob-hpo:{seed}:{slot}".encode()).digest()[:4], "big")
+
+
+def slot_of(study: optuna.Study, trial: FrozenTrial) -> int:
+    """The trial's place in the search, the same however often the search was interrupted: a retry
+    (a trial re-queued after a kill or a stop) takes the place of the trial it retries; any other
+    trial the next place, counting the trials before it that are not retries."""
+    origin = trial.system_attrs.get("failed_trial", trial.number)
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.number < origin and "failed_trial" not in t.system_attrs)
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Each trial sampled by a fresh sampler from ``make(trial_seed(seed, slot_of(trial)))``.
+
+    A sampler seeded once draws from one random stream across trials, so a search resumed in a new
+    process (or one that re-queued a killed trial) would draw other parameters than a straight run;
+    seeding per slot makes a trial's parameters a function of the seed, its slot and the finished
+    trials only."""
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make, self._seed = make, seed
+        self._current: tuple[int, optuna.samplers.BaseSampler] | None = None
+
+    def _for(self, study: optuna.Study, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        if self._current is None or self._current[0] != trial.number:
+            self._current = (trial.number, self._make(trial_seed(self._seed, slot_of(study, trial))))
+        return self._current[1]
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._current = None  # a trial number may come round again (a test's fresh study)
+        self._for(study, trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._for(study, trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self._for(study, trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._for(study, trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._for(study, trial).after_trial(study, trial, state, values)
+        self._current = None
+
+    def reseed_rng(self) -> None:
+        pass  # every trial's sampler is seeded from (seed, slot): nothing to reseed
+
+
+class GridBySlot(optuna.samplers.BaseSampler):
+    """Grid search: the grid's points in an order fixed by the seed, slot ``n`` taking point ``n``
+    (past the end, the order again: only failed trials get there). Optuna's GridSampler numbers its
+    points by trial number, which a re-queued trial shifts, and picks among the rest at random."""
+
+    def __init__(self, space: dict[str, list[Any]], seed: int) -> None:
+        self._names = list(space)
+        points = list(itertools.product(*space.values()))
+        order = sorted(range(len(points)),
+                       key=lambda i: hashlib.sha256(f"optjob-grid:{seed}:{i}".encode()).digest())
+        self._points = [points[i] for i in order]
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        point = self._points[slot_of(study, trial) % len(self._points)]
+        return point[self._names.index(param_name)]
 
 
 def suggest(trial: optuna.Trial, key: str, d: Distribution) -> Any:
@@ -162,8 +259,7 @@ def open_study(step: HpoStep, ctx: StepContext) -> optuna.Study:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(t.number, state=TrialState.FAIL)
             retry(study, study.get_trials(deepcopy=False)[t.number])
-    # Seeded by how far the study got, so a resumed search does not replay its samples.
-    study.sampler = make_sampler(step, step.seed + len(study.trials))
+    study.sampler = make_sampler(step)
     return study
 
 
@@ -171,6 +267,22 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
     value = t.value if t.value is not None and math.isfinite(t.value) else None
     return {"number": t.number, "params": dict(t.params), "value": value,
             "state": t.state.name.lower(), **t.user_attrs}
+
+
+def progress_fields(study: optuna.Study, t: FrozenTrial, counted: int, target: int) -> dict[str, Any]:
+    """A ``progress`` event after a trial: ``step`` trials finished (complete or pruned) of
+    ``max_steps`` = ``trials``; ``loss`` the trial's eval loss and ``best`` the best value so far,
+    where there are such numbers (a display formats them)."""
+    fields: dict[str, Any] = {"step": counted, "max_steps": target, "trial": t.number,
+                              "state": t.state.name.lower()}
+    loss = t.user_attrs.get("eval_loss")
+    if isinstance(loss, (int, float)) and math.isfinite(loss):
+        fields["loss"] = loss
+    complete = [x.value for x in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if x.value is not None and math.isfinite(x.value)]
+    if complete:
+        fields["best"] = min(complete) if study.direction == optuna.study.StudyDirection.MINIMIZE else max(complete)
+    return fields
 
 
 def trial_options(
@@ -285,7 +397,12 @@ def run(ctx: StepContext, step: HpoStep, model: nn.Module) -> StepOutcome:
         rec = trial_record(t)
         ctx.emit("trial", number=rec["number"], params=rec["params"], value=rec["value"],
                  state=rec["state"])
-        checkpoint.state_changed(ctx.step_dir() / STUDY_FILE)
+        study_file = ctx.step_dir() / STUDY_FILE
+        checkpoint.state_changed(study_file)
+        # The study is on disk with this trial: a kill from now on loses only the next trial.
+        counted = len(study.get_trials(deepcopy=False, states=COUNTED))
+        ctx.emit("checkpoint", step=counted, path=str(study_file))
+        ctx.emit("progress", **progress_fields(study, t, counted, target))
 
     if done < target:
         try:

@@ -13,6 +13,7 @@ Exit codes: 0 done, 1 failed (after an ``error`` event), 2 bad job file,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -31,20 +32,21 @@ from optjob.specs import EvaluateStep, JobSpec
 from optjob.specs.errors import StepError
 from torch import nn
 
-from . import dist, layout
+from . import dist, layout, records
 from .context import StepContext, StepOutcome, StopFlag, StopRequested, finite
 from .data import build_corpus, load_text
 from .device import pick_device, set_threads
 from .dry_run import DRY_RUN_CAPS, proxy_spec
 from .evaluate import evaluate_model
 from .events import Emitter
+from .exit_codes import EXIT_BAD_JOB, EXIT_DEADLINE, EXIT_FAILED, EXIT_OK, EXIT_SIGNAL
 from .modeling import initial_model, load_model, save_model
 from .sync import Sync, from_env
 from .tokenizer import load_tokenizer
 
 __all__ = ["StepOutcome", "main", "preflight", "step_module"]
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_JOB, EXIT_DEADLINE, EXIT_SIGNAL = 0, 1, 2, 4, 143
+DONE_FILE = "done.json"
 
 
 def step_module(kind: str) -> ModuleType:
@@ -184,7 +186,7 @@ class Job:
                 "fingerprint": self.fingerprints[i],
             }
             if dist.is_main():
-                layout.write_json_atomic(ctx.step_dir() / "done.json", finite(record))
+                layout.write_json_atomic(ctx.step_dir() / DONE_FILE, finite(record))
             return record
 
         for i in range(len(steps)):
@@ -258,9 +260,8 @@ class Job:
         for i, step in enumerate(self.spec.pipeline):
             folder = layout.step_dir(self.job_dir, i, step.kind)
             try:
-                done = json.loads((folder / "done.json").read_text())
-                recorded = done.get("fingerprint")
-            except (OSError, ValueError):
+                recorded = records.read(records.DoneRecord, folder / DONE_FILE).fingerprint
+            except (OSError, records.InvalidRecord):  # _done_prefix says why, and reruns the step
                 mark = folder / "fingerprint"
                 recorded = mark.read_text().strip() if mark.exists() else None
             if recorded is not None and recorded != self.fingerprints[i]:
@@ -281,25 +282,34 @@ class Job:
         return initial_model(self.spec, self.tokenizer, self.device)
 
     def _done_prefix(self) -> list[dict[str, Any]]:
-        """done.json of the leading finished steps (a step after an unfinished one reruns)."""
+        """done.json of the leading finished steps (a step after an unfinished one reruns).
+
+        A done.json that is not a valid record of its step (``records.DoneRecord``; torn, edited,
+        ``[]``) counts as absent: the step runs again, with a line on stderr saying so, and the
+        file is moved aside (``done.json.invalid``) so it is neither read nor uploaded again."""
         out: list[dict[str, Any]] = []
         for i, step in enumerate(self.spec.pipeline):
-            path = layout.step_dir(self.job_dir, i, step.kind) / "done.json"
+            path = layout.step_dir(self.job_dir, i, step.kind) / DONE_FILE
             try:
-                done = json.loads(path.read_text())
-            except (OSError, ValueError):
+                done = records.read(records.DoneRecord, path)
+                if (done.index, done.kind) != (i, step.kind):
+                    raise records.InvalidRecord(f"{path}: it records steps[{done.index}] ({done.kind}), "
+                                                f"not steps[{i}] ({step.kind})")
+            except FileNotFoundError:
                 break
-            output = done.get("output")
-            if output and not Path(output).is_dir():
+            except (OSError, records.InvalidRecord) as exc:
+                if dist.is_main():  # every rank reads (rank 0's view wins); one says so
+                    reason = str(exc) if isinstance(exc, records.InvalidRecord) else f"{path}: {exc.strerror or exc}"
+                    records.warn(f"{reason}; steps[{i}] ({step.kind}) runs again")
+                    with contextlib.suppress(OSError):
+                        os.replace(path, path.with_name(DONE_FILE + ".invalid"))
+                break
+            if done.output and not Path(done.output).is_dir():
                 break  # its model is gone: run it again
-            out.append(done)
+            out.append(done.model_dump(mode="json"))
         return out
 
     def _read_results(self) -> dict[str, Any]:
-        try:
-            old = json.loads(self.results_path.read_text())
-        except (OSError, ValueError):
-            old = {}
         results: dict[str, Any] = {
             "name": self.spec.name,
             "steps": [],
@@ -307,10 +317,19 @@ class Job:
             "device": str(self.device),
             "dry_run": self.job.dry_run,
         }
-        if isinstance(old, dict) and old.get("name") == self.spec.name and "baseline" in old:
-            results["baseline"] = old["baseline"]
-            if "final" in old:
-                results["final"] = old["final"]
+        try:
+            old = records.read(records.ResultsFile, self.results_path)
+        except FileNotFoundError:
+            return results
+        except (OSError, records.InvalidRecord) as exc:
+            if dist.is_main():
+                reason = str(exc) if isinstance(exc, records.InvalidRecord) else f"{self.results_path}: {exc}"
+                records.warn(f"{reason}; it is written afresh (the baseline is measured again)")
+            return results
+        if old.name == self.spec.name and old.baseline is not None:
+            results["baseline"] = old.baseline
+            if old.final is not None:
+                results["final"] = old.final
         return results
 
     def _record(self, results: dict[str, Any], done: dict[str, Any], *, skipped: bool) -> None:

@@ -53,19 +53,45 @@ def _rank0() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
-def _sha256(path: Path) -> str:
-    from optjob.steps.storage import sha256_file
-
-    return sha256_file(path)
-
-
 def _valid_checkpoint(folder: Path) -> bool:
-    """The checkpoint's own manifest (``steps.checkpoint``) lists files that all check out."""
+    """The checkpoint's own manifest (``steps.checkpoint``) is a valid record listing files that all
+    check out, and its meta.json is one too (``records.checkpoint_problem``)."""
+    from .records import checkpoint_problem
+
+    return checkpoint_problem(folder) is None
+
+
+def _done_problem(data: bytes, name: str, where: str) -> str | None:
+    """Why ``data`` is not the done.json of the step folder ``name`` (``NN-KIND``), or None."""
+    from .records import DoneRecord, InvalidRecord, parse
+
     try:
-        files = json.loads((folder / "manifest.json").read_text())["files"]
-        return "meta.json" in files and all(_sha256(folder / n) == d for n, d in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
+        done = parse(DoneRecord, data, where)
+    except InvalidRecord as exc:
+        return str(exc)
+    index, _, kind = name.partition("-")
+    if (done.index, done.kind) != (int(index), kind):
+        return f"{where}: it records steps[{done.index}] ({done.kind}), not {name}"
+    return None
+
+
+def _local_done(path: Path, name: str) -> bool:
+    """``path`` holds a valid done.json of step folder ``name``."""
+    try:
+        data = path.read_bytes()
+    except OSError:
         return False
+    return _done_problem(data, name, str(path)) is None
+
+
+def _results_problem(data: bytes, url: str) -> str | None:
+    from .records import InvalidRecord, ResultsFile, parse
+
+    try:
+        parse(ResultsFile, data, f"{url}/{RESULTS_FILE}")
+    except InvalidRecord as exc:
+        return str(exc)
+    return None
 
 
 def _ckpt_step(name: str) -> int:
@@ -98,7 +124,7 @@ class Sync:
             keys = self.storage.list_keys("steps")
             names = {k.split("/")[1] for k in keys if k.count("/") >= 2 and _STEP.match(k.split("/")[1])}
             for name in sorted(names, key=lambda n: int(n.split("-", 1)[0])):
-                if (self.job_dir / "steps" / name / "done.json").is_file():
+                if _local_done(self.job_dir / "steps" / name / "done.json", name):
                     continue  # this folder has it already (the same node, relaunched)
                 if self._pull_step(name, keys):
                     got["steps"].append(name)
@@ -110,9 +136,11 @@ class Sync:
             results = self.job_dir / RESULTS_FILE
             if overwrite_results or not results.exists():
                 data = self.storage.get_bytes(RESULTS_FILE)
-                if data is not None:
+                if data is not None and (problem := _results_problem(data, self.storage.url)) is not None:
+                    _say(f"{problem}: not pulled; the job writes it afresh")
+                elif data is not None:
                     results.parent.mkdir(parents=True, exist_ok=True)
-                    write_json_atomic(results, json.loads(data))
+                    write_bytes_atomic(results, data)
                     got["results"] = True
         return got
 
@@ -134,6 +162,10 @@ class Sync:
         local = self.job_dir / "steps" / name
         data = self.storage.get_bytes(f"steps/{name}/done.json")
         if data is None:
+            return False
+        problem = _done_problem(data, name, f"{self.storage.url}/steps/{name}/done.json")
+        if problem is not None:
+            _say(f"{problem}: the step runs again")
             return False
         done = json.loads(data)
         done["output"] = rebase_output(done.get("output"), self.job_dir)

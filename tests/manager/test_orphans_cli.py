@@ -82,8 +82,9 @@ def test_pull_copies_the_artifacts_home(tmp_path: Path) -> None:
     train = step_dir(node, 0, "train")
     (train / "model").mkdir(parents=True)
     (train / "model" / "model.safetensors").write_bytes(b"weights")
-    (train / "done.json").write_text(json.dumps({"index": 0, "output": str(train / "model")}))
-    (node / "results.json").write_text(json.dumps({"name": "far", "final": {"eval_loss": 2.5}}))
+    (train / "done.json").write_text(json.dumps({"index": 0, "kind": "train", "output": str(train / "model"),
+                                                 "metrics": {}, "wall_s": 1.0, "extra": {}, "attempt": 1}))
+    (node / "results.json").write_text(json.dumps({"name": "far", "steps": [], "final": {"eval_loss": 2.5}}))
     Sync(LocalStorage(artifacts), node).push_steps(final=True)
 
     proc = cli("pull", "far", home=tmp_path)

@@ -189,7 +189,7 @@ def test_median_pruner_stops_a_bad_trial(tmp_path, corpus):
 
 
 def test_a_search_resumes_on_a_fresh_node_from_storage(tmp_path, corpus):
-    from optjob.providers.storage import LocalStorage
+    from optjob.steps.storage import LocalStorage
     from optjob.steps.sync import Sync
 
     storage = LocalStorage(tmp_path / "bucket")  # the S3 code path is tests/steps/test_sync.py's

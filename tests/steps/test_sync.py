@@ -53,9 +53,10 @@ def test_push_and_pull_mirror_the_job_folder(tmp_path: Path) -> None:
 
     (train / "model").mkdir()
     (train / "model" / "weights.bin").write_bytes(b"m" * 1000)
-    done = {"index": 0, "kind": "train", "output": str(train / "model"), "metrics": {"steps": 12}}
+    done = {"index": 0, "kind": "train", "output": str(train / "model"), "metrics": {"steps": 12}, "wall_s": 1.0,
+            "extra": {}, "attempt": 1}
     (train / "done.json").write_text(json.dumps(done))
-    (node / "results.json").write_text(json.dumps({"name": "tiny", "baseline": {"eval_loss": 6.0}}))
+    (node / "results.json").write_text(json.dumps({"name": "tiny", "steps": [], "baseline": {"eval_loss": 6.0}}))
     sync.push_steps()
     keys = store.list_keys()
     assert {"results.json", "steps/00-train/done.json", f"steps/00-train/model/{MANIFEST}"} <= set(keys)
@@ -77,7 +78,8 @@ def test_pull_resumes_the_first_unfinished_step_from_its_newest_checkpoint(tmp_p
     done_dir = step_dir(node, 0, "prune")
     (done_dir / "model").mkdir(parents=True)
     (done_dir / "model" / "w").write_text("pruned")
-    (done_dir / "done.json").write_text(json.dumps({"output": str(done_dir / "model")}))
+    (done_dir / "done.json").write_text(json.dumps({"index": 0, "kind": "prune", "output": str(done_dir / "model"),
+                                                    "metrics": {}, "wall_s": 1.0, "extra": {}, "attempt": 1}))
     sync.push_steps()
     for step in (3, 6):
         sync.push_checkpoint(checkpoint(step_dir(node, 1, "train") / "checkpoints", step), step)
