@@ -11,6 +11,7 @@ class JobStatus(str, Enum):
     RUNNING = "running"  # the workload runs
     RECOVERING = "recovering"  # an attempt was preempted; the next one is being launched
     STOPPING = "stopping"  # asked to checkpoint and stop (Ctrl-C, budget)
+    UNKNOWN = "unknown"  # the provider cannot say now what the attempt does (asked again, with backoff)
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     STOPPED = "stopped"  # ended early on purpose; see the reason
@@ -31,3 +32,8 @@ class Reason(str, Enum):
     @property
     def exit_code(self) -> int:
         return {"succeeded": 0, "failed": 1, "budget": 4, "preempted": 1, "cancelled": 130}[self.value]
+
+
+#: The event the manager stores (beside the workload's) when it asks an attempt to stop: its
+#: ``reason`` is a ``Reason`` value and ``why`` the message. The report reads it back.
+STOP_REQUESTED = "stop_requested"

@@ -40,12 +40,12 @@ class Unsettled(OptjobError):
     """A durable record may say the work finished, but it cannot be read now: do not relaunch yet."""
 
 
-def _storage(url: str, spec_path: str | None) -> Any:
-    from optjob.steps.storage import open_storage
+def _storage(url: str, spec_path: str | None, endpoint_url: str | None = None) -> Any:
+    from optjob.steps.storage import open_storage, scheme_of
 
-    if not url.startswith("s3://") and not Path(url).expanduser().is_absolute() and spec_path:
+    if scheme_of(url) is None and not Path(url).expanduser().is_absolute() and spec_path:
         url = str(Path(spec_path).parent / url)  # a folder relative to the spec, as everything else is
-    return open_storage(url)
+    return open_storage(url, endpoint_url=endpoint_url)
 
 
 def finished_in_storage(job: JobRow, first_attempt: int) -> bool | None:
@@ -58,7 +58,7 @@ def finished_in_storage(job: JobRow, first_attempt: int) -> bool | None:
     from optjob.steps.layout import RESULTS_FILE
 
     try:
-        data = _storage(url, job.spec_path).get_bytes(RESULTS_FILE)
+        data = _storage(url, job.spec_path, (spec.get("storage") or {}).get("endpoint_url")).get_bytes(RESULTS_FILE)
     except (OptjobError, OSError, ImportError) as exc:
         raise Unsettled(f"could not read {url}/{RESULTS_FILE}: {exc}") from exc
     if data is None:
@@ -75,8 +75,10 @@ def _job_done_seen(store: Store, job: JobRow, numbers: set[int]) -> bool:
     return any(e.get("event") == "job_done" and e.get("attempt") in numbers for _, e in store.events(job.name))
 
 
-def settle(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow) -> Poll | None:
-    """The terminal ``Poll`` a durable record implies for ``attempt`` (the latest of its run), or None."""
+def settle(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow, *,
+           ask_provider: bool = True) -> Poll | None:
+    """The terminal ``Poll`` a durable record implies for ``attempt`` (the latest of its run), or None.
+    ``ask_provider=False`` skips ``Provider.outcome`` (which may restart SkyPilot's jobs controller)."""
     attempts = store.attempts(job.name, run=job.run)
     numbers = {a.number for a in attempts} or {attempt.number}
     if _job_done_seen(store, job, numbers):
@@ -84,7 +86,7 @@ def settle(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow) -
     if finished_in_storage(job, min(numbers)):
         return Poll(AttemptState.SUCCEEDED, exit_code=0,
                     detail="finished while the manager was not looking: the storage holds the final results")
-    if attempt.handle:
+    if attempt.handle and ask_provider:
         try:
             recorded = provider.outcome(Handle.from_json(attempt.handle))
         except OptjobError as exc:
@@ -93,3 +95,12 @@ def settle(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow) -
         if recorded is not None and recorded.state in _FINAL:
             return recorded
     return None
+
+
+def record_settled(store: Store, attempt: AttemptRow, poll: Poll) -> None:
+    """Write down how ``attempt`` ended, as the durable record says (over a LOST/PREEMPTED/UNKNOWN)."""
+    ended = attempt.ended_at or store.clock.time()
+    store.update_attempt(attempt.id, status=poll.state, exit_code=poll.exit_code, detail=poll.detail[:2000],
+                         ended_at=ended)
+    attempt.status, attempt.exit_code, attempt.detail, attempt.ended_at = (
+        poll.state.value, poll.exit_code, poll.detail[:2000], ended)

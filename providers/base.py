@@ -8,6 +8,17 @@ reconciles what ``poll`` and ``read_log`` report against its state store.
 
 The contracts below are what the manager relies on; every provider's tests
 check them.
+
+Knowing versus not knowing. ``poll`` separates what the provider *saw* from what
+it *could not see*: an attempt is ``LOST`` only on positive evidence (the
+provider answered and no longer has the attempt's resources or job, and did not
+record how it ended); when the provider cannot answer — an API server or jobs
+controller that is stopped, unreachable or busy — the attempt is ``UNKNOWN``, which
+is not an end: the manager keeps polling, with backoff, and never relaunches on
+it. Even ``LOST`` and ``PREEMPTED`` are not enough to relaunch: the manager first
+looks for a durable record that the work finished (the job's storage, or
+``Provider.outcome``), so a job that finished while nobody watched is never run
+again.
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from optjob.specs.errors import ProviderError
 
 if TYPE_CHECKING:
     from optjob.specs import JobSpec
@@ -32,10 +45,18 @@ class AttemptState(str, Enum):
     FAILED = "failed"  # the workload exited non-zero on its own (see exit_code)
     STOPPED = "stopped"  # the workload stopped on request or at its deadline (exit 4 / 143)
     PREEMPTED = "preempted"  # the resources were taken away (spot reclaim, SIGKILL): relaunch
-    LOST = "lost"  # the provider no longer knows the attempt and no exit was recorded
+    LOST = "lost"  # the provider answered: the attempt's resources or job are gone, no exit was recorded
+    #: The provider cannot say now (its API server or controller is stopped, unreachable or busy).
+    #: Not an end: poll again later (with backoff); never relaunch on it.
+    UNKNOWN = "unknown"
 
     def is_terminal(self) -> bool:
-        return self not in (AttemptState.LAUNCHING, AttemptState.RUNNING)
+        return self not in (AttemptState.LAUNCHING, AttemptState.RUNNING, AttemptState.UNKNOWN)
+
+
+class TransientProviderError(ProviderError):
+    """A failure that a retry may cure (a server busy or restarting, a network blip). The manager
+    retries whatever raised it, with backoff, and never ends a job or its own loop because of one."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +124,12 @@ class Provider(abc.ABC):
         being created, and ``teardown(handle)`` releases them whatever happens
         next. Raises ``ProviderError`` with an actionable message when the
         resources cannot be had (no capacity, quota, credentials); then nothing
-        is left running."""
+        is left running. Idempotent per (job folder, attempt): what it submits is
+        recorded before it waits, so calling it again after a
+        ``TransientProviderError`` (or ``adopt`` after a crash) takes up that
+        submission instead of making a second one. Interrupted (Ctrl-C) while
+        waiting, it cancels what it submitted, or tears down what that made,
+        before re-raising."""
 
     @abc.abstractmethod
     def poll(self, handle: Handle) -> Poll:
@@ -113,7 +139,9 @@ class Provider(abc.ABC):
         times, from any process (a restarted manager, ``optjob status``), gives
         the current truth. A workload that was killed from outside (spot
         reclaim, SIGKILL) is ``PREEMPTED``; its exit code is recorded when the
-        provider can know it."""
+        provider can know it. ``LOST`` only on positive evidence that the
+        attempt is gone; when the provider cannot tell, ``UNKNOWN`` (never raise
+        for a transient failure: report ``UNKNOWN`` with the reason in ``detail``)."""
 
     @abc.abstractmethod
     def read_log(self, handle: Handle, offset: int) -> tuple[str, int]:
@@ -131,6 +159,14 @@ class Provider(abc.ABC):
         ``SUCCEEDED`` if it was finishing anyway). Safe to call on an attempt
         that has already ended."""
 
+    def kill(self, handle: Handle) -> None:
+        """End the workload now, without waiting for a checkpoint: the escalation of a stop request
+        whose grace has passed (a workload that ignores SIGTERM or never checks its flag).
+
+        Contract: returns once the kill is under way; the attempt then ends (locally with 137, as a
+        preemption would). The default is ``teardown``, which kills whatever still runs."""
+        self.teardown(handle)
+
     @abc.abstractmethod
     def teardown(self, handle: Handle) -> None:
         """Release every resource of the attempt, killing the workload if it still runs.
@@ -142,6 +178,23 @@ class Provider(abc.ABC):
         within the provider's own written budget (the one retry layer at this
         boundary); the manager calls once and leaves an unconfirmed teardown for
         the next ``status``/``down``/``apply``."""
+
+    def outcome(self, handle: Handle) -> Poll | None:
+        """How the attempt ended, from a durable record, when ``poll`` cannot say (``UNKNOWN``) or
+        says it is gone (``LOST``/``PREEMPTED``); None when there is no such record.
+
+        Contract: may be slow (SkyPilot restarts its stopped jobs controller to read its table), so
+        the manager calls it only before deciding to relaunch or when ``UNKNOWN`` persists; returns a
+        terminal ``Poll`` or None, never a guess. The default has no record."""
+        return None
+
+    def adopt(self, job_dir: Path, attempt: int) -> Handle | None:
+        """The handle of an attempt whose launch a manager started but did not see finish (it was
+        killed, or interrupted, inside ``launch``), built from what the provider recorded before
+        waiting; None when nothing was submitted or what was submitted left nothing behind.
+
+        Contract: never submits anything; may wait for a launch request still in flight."""
+        return None
 
     def wait(self, handle: Handle, timeout_s: float) -> None:
         """Block for up to ``timeout_s`` seconds, returning early when the attempt may have ended.

@@ -7,6 +7,30 @@
 returns a request id, resolved with ``sky.get`` / ``sky.stream_and_get``) and
 turns every SkyPilot exception into a ``ProviderError`` with one actionable
 line (``translate_error``). ``sky`` is imported only inside methods.
+
+What SkyPilot 0.14.1 really does, and what this interface turns it into (the fake in
+tests/providers/fake_sky.py copies the same; tests/providers/test_sky_contract.py checks both):
+
+* ``sky.jobs.queue_v2(refresh=False)`` raises ``ClusterNotUpError`` when the jobs controller is
+  stopped (it autostops once no managed job runs), not yet provisioned, or unreachable
+  (sky/jobs/server/core.py ``_maybe_restart_controller``, sky/backends/backend_utils.py
+  ``is_controller_accessible``): that is "SkyPilot cannot say now", never "no jobs" —
+  ``ControllerUnavailable`` (transient; ``stopped`` when the exception's ``cluster_status`` is
+  STOPPED). ``refresh=True`` restarts a stopped controller (minutes) and reads its table.
+* A cluster SkyPilot no longer has raises ``ClusterDoesNotExist`` (a ``ValueError``) from
+  ``job_status``, ``tail_logs`` and ``cancel``: ``ClusterGone``. A cluster that is not UP raises
+  ``ClusterNotUpError``: ``ClusterNotUp``.
+* Resources strings: a launched cluster is ``2x[spot](gpus=A100:8, ...)`` — lowercase ``[spot]``
+  (sky/utils/resources_utils.py ``format_resource``) — while a managed job not launched yet
+  falls back to the requested string, ``1x[A100:8][Spot]`` or ``[On-demand|Spot]``
+  (sky/backends/backend_utils.py ``get_task_resources_str``).
+* A managed job's ``last_recovered_at`` is -1 before it starts, its start time once RUNNING, and
+  the time of every completed recovery — also those that do not bump ``recovery_count``
+  (controller restarts, sky/jobs/state.py ``set_recovered_async``): it names the run.
+* ``sky.launch`` / ``sky.jobs.launch`` return a request id at once; ``sky.stream_and_get`` blocks
+  until the request ends and does not cancel it on Ctrl-C (sky/client/sdk.py): the request goes
+  on running on the API server until ``sky.api_cancel``. Hence ``submit_*`` + ``wait`` +
+  ``cancel_request``: the provider records the id before it waits.
 """
 
 from __future__ import annotations
@@ -15,11 +39,12 @@ import abc
 import io
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO, TypeVar, cast
 
 from optjob.specs.errors import ProviderError
 
+from .base import TransientProviderError
 from .sky_task import build_task, job_output
 
 T = TypeVar("T")
@@ -29,16 +54,42 @@ MANAGED_TERMINAL = frozenset({"SUCCEEDED", "CANCELLED", "FAILED", "FAILED_SETUP"
                               "FAILED_NO_RESOURCE", "FAILED_CONTROLLER"})
 
 
-class TransientSkyError(ProviderError):
+#: ManagedJobStatus values before the job's run starts.
+MANAGED_LAUNCHING = frozenset({"PENDING", "SUBMITTED", "STARTING"})
+#: sky.server.requests RequestStatus values of a request that has ended.
+REQUEST_DONE = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+
+
+class TransientSkyError(TransientProviderError):
     """A failure that a retry may cure (API server busy or restarting, network blip)."""
+
+
+class ControllerUnavailable(TransientSkyError):
+    """SkyPilot's jobs controller cannot be asked now (``ClusterNotUpError`` from a jobs call): it is
+    stopped (``stopped``: it autostops once no managed job runs), not provisioned (``absent``: never
+    launched, torn down, or being launched for the first time), or unreachable. Says nothing about
+    any one job's state."""
+
+    def __init__(self, message: str, *, stopped: bool = False, absent: bool = False, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.stopped, self.absent = stopped, absent
+
+
+class ClusterGone(ProviderError):
+    """SkyPilot answered that the cluster does not exist (``ClusterDoesNotExist``)."""
+
+
+class ClusterNotUp(ProviderError):
+    """SkyPilot answered that the cluster exists but is not UP (``ClusterNotUpError``)."""
 
 
 @dataclass(frozen=True)
 class ClusterInfo:
     name: str
-    status: str  # sky.ClusterStatus value: INIT, UP, STOPPED, AUTOSTOPPING
+    status: str  # sky.ClusterStatus value: INIT, UP, STOPPED, AUTOSTOPPING, PENDING
     nodes: int = 1
     spot: bool = False
+    launched_at: float | None = None  # names this incarnation of the cluster (a relaunch changes it)
 
 
 @dataclass(frozen=True)
@@ -51,24 +102,57 @@ class ManagedJob:
     failure_reason: str = ""
     nodes: int = 0
     spot: bool | None = None
+    submitted_at: float | None = None
 
     @property
     def terminal(self) -> bool:
         return self.status in MANAGED_TERMINAL
 
+    @property
+    def run_mark(self) -> float | None:
+        """Names the job's current run: ``last_recovered_at`` (its start, or its latest recovery,
+        counted or not); None before the first run starts (SkyPilot stores -1)."""
+        mark = self.last_recovered_at
+        return float(mark) if mark is not None and mark > 0 else None
+
 
 class SkyClient(abc.ABC):
-    """What the provider needs from SkyPilot. Errors: ``ProviderError`` (permanent)
-    or ``TransientSkyError`` (retry may help); a missing cluster is ``None``, not an error."""
+    """What the provider needs from SkyPilot. Errors: ``ProviderError`` (permanent) or
+    ``TransientSkyError`` (retry may help; ``ControllerUnavailable`` when the jobs controller
+    cannot be asked); a missing cluster is ``None`` from ``cluster``, ``ClusterGone`` from the
+    calls that act on one."""
 
     @abc.abstractmethod
+    def submit_launch(self, task: Mapping[str, Any], cluster: str, *, down: bool, idle_minutes: int) -> str:
+        """Ask SkyPilot to provision (or reuse) ``cluster`` and run the task; returns the request id
+        at once (the request runs on the API server until it ends or is cancelled)."""
+
+    @abc.abstractmethod
+    def submit_jobs_launch(self, task: Mapping[str, Any], name: str) -> str:
+        """Ask SkyPilot to submit a managed job; returns the request id at once."""
+
+    @abc.abstractmethod
+    def wait(self, request_id: str, log: TextIO | None = None) -> int:
+        """Block until a launch request ends (streaming its output to ``log``); returns the job id it
+        created (the cluster job, or the managed job). Its failure is raised as SkyPilot raised it
+        (translated); a cancelled request raises ``ProviderError``. Ctrl-C does *not* cancel it."""
+
+    @abc.abstractmethod
+    def request_status(self, request_id: str) -> str | None:
+        """PENDING, WAITING, RUNNING, SUCCEEDED, FAILED or CANCELLED; None if the server does not know it."""
+
+    @abc.abstractmethod
+    def cancel_request(self, request_id: str) -> None:
+        """Abort a request on the API server (``sky.api_cancel``); an ended one is left as it is."""
+
     def launch(self, task: Mapping[str, Any], cluster: str, *, down: bool, idle_minutes: int,
                log: TextIO | None = None) -> int:
-        """Provision (or reuse) ``cluster``, submit the task; returns the cluster job id."""
+        """``submit_launch`` then ``wait``: the cluster job id."""
+        return self.wait(self.submit_launch(task, cluster, down=down, idle_minutes=idle_minutes), log)
 
-    @abc.abstractmethod
     def jobs_launch(self, task: Mapping[str, Any], name: str, log: TextIO | None = None) -> int:
-        """Submit a managed job; returns its id."""
+        """``submit_jobs_launch`` then ``wait``: the managed job id."""
+        return self.wait(self.submit_jobs_launch(task, name), log)
 
     @abc.abstractmethod
     def cluster(self, name: str, refresh: bool = False) -> ClusterInfo | None: ...
@@ -77,10 +161,13 @@ class SkyClient(abc.ABC):
 
     @abc.abstractmethod
     def job_status(self, cluster: str, job_id: int) -> str | None:
-        """sky.JobStatus value of a cluster job, None if the cluster does not know it."""
+        """sky.JobStatus value of a cluster job, None if the cluster does not know it. Raises
+        ``ClusterGone`` / ``ClusterNotUp`` when the cluster does not exist / is not UP."""
 
     @abc.abstractmethod
-    def managed_jobs(self, job_ids: list[int] | None = None) -> list[ManagedJob]: ...
+    def managed_jobs(self, job_ids: list[int] | None = None, refresh: bool = False) -> list[ManagedJob]:
+        """The managed-job table (``job_ids``: only those). Raises ``ControllerUnavailable`` when the
+        jobs controller cannot be asked; ``refresh`` restarts a stopped one first (minutes)."""
 
     @abc.abstractmethod
     def logs(self, cluster: str, job_id: int) -> str:
@@ -99,8 +186,9 @@ class SkyClient(abc.ABC):
     def down(self, cluster: str) -> None:
         """Tear the cluster down; a cluster that does not exist is fine."""
 
-    def managed_job(self, job_id: int) -> ManagedJob | None:
-        return next((j for j in self.managed_jobs([job_id]) if j.job_id == job_id), None)
+    def managed_job(self, job_id: int, refresh: bool = False) -> ManagedJob | None:
+        """The managed job, or None when the controller answered and has no such job."""
+        return next((j for j in self.managed_jobs([job_id], refresh=refresh) if j.job_id == job_id), None)
 
     def reachable(self) -> bool:
         """Whether SkyPilot answers now without being started (``optjob list`` asks before looking)."""
@@ -113,9 +201,47 @@ def find_orphans(client: SkyClient, known_finished_clusters: Iterable[str],
     ``known_active``, any ``optjob-*`` name optjob does not know at all)."""
     finished, active = set(known_finished_clusters), set(known_active or ())
     live = {c.name for c in client.clusters()}
-    live |= {j.name for j in client.managed_jobs() if not j.terminal}
+    live |= {j.name for j in live_managed_jobs(client)}
     stray = {n for n in live if n.startswith("optjob-") and n not in active} if known_active is not None else set()
     return sorted((live & finished) | stray)
+
+
+def live_managed_jobs(client: SkyClient) -> list[ManagedJob]:
+    """Managed jobs that are not over. A jobs controller that is stopped runs no job (it stops only
+    when idle) and one that does not exist has none, so that is an empty list; one that is
+    unreachable raises ``ControllerUnavailable``."""
+    try:
+        return [j for j in client.managed_jobs() if not j.terminal]
+    except ControllerUnavailable as exc:
+        if exc.stopped or exc.absent:
+            return []
+        raise
+
+
+@dataclass(frozen=True)
+class Owned:
+    """What one OPTJOB_HOME recorded launching: managed job ids, and per cluster name the
+    ``launched_at`` of each incarnation it launched (None: launched, incarnation not recorded)."""
+
+    managed_job_ids: frozenset[int] = frozenset()
+    clusters: Mapping[str, frozenset[float | None]] = field(default_factory=dict)
+
+
+def find_owned_orphans(client: SkyClient, owned: Owned) -> tuple[list[ManagedJob], list[ClusterInfo]]:
+    """What SkyPilot still holds that ``owned`` says this OPTJOB_HOME launched: live managed jobs by
+    id, clusters by name *and* incarnation. A cluster or job of the same name launched by another
+    OPTJOB_HOME (a shared API server) has another id / ``launched_at`` and is left alone; a cluster
+    whose incarnation was never recorded (a launch interrupted before SkyPilot answered) matches
+    only if its name was recorded with ``None``."""
+    jobs = [j for j in live_managed_jobs(client) if j.job_id in owned.managed_job_ids]
+    clusters = []
+    for info in client.clusters():
+        marks = owned.clusters.get(info.name)
+        if marks is None:
+            continue
+        if info.launched_at in marks or None in marks:
+            clusters.append(info)
+    return jobs, clusters
 
 
 _TRANSIENT = ("ApiServerConnectionError", "ServerTemporarilyUnavailableError", "RequestInterruptedError",
@@ -178,9 +304,19 @@ def _value(status: Any) -> str:
     return str(getattr(status, "value", status))
 
 
+_SPOT = re.compile(r"\[spot\]", re.I)
+
+
 def _nodes_spot(resources: str) -> tuple[int, bool | None]:
-    m = re.match(r"\s*(\d+)x", resources or "")
-    return (int(m.group(1)) if m else 1), ("[Spot]" in resources if resources else None)
+    """Nodes and spot-ness from a SkyPilot resources string: ``2x[spot](gpus=A100:8, ...)`` (launched,
+    lowercase), ``1x(gpus=...)`` (launched on demand), ``1x[A100:8][Spot]`` (requested). Spot is
+    None when the string does not say (``-``, empty, or ``[On-demand|Spot]``: not launched yet)."""
+    text = (resources or "").strip()
+    m = re.match(r"(\d+)x", text)
+    nodes = int(m.group(1)) if m else 1
+    if not text or text == "-" or "On-demand|Spot" in text:
+        return nodes, None
+    return nodes, bool(_SPOT.search(text))
 
 
 class RealSkyClient(SkyClient):
@@ -200,40 +336,52 @@ class RealSkyClient(SkyClient):
             return False
 
     def _call(self, action: str, fn: Callable[[], T]) -> T:
+        from sky import exceptions
+
         try:
             return fn()
         except ProviderError:
             raise
+        except exceptions.ClusterDoesNotExist as exc:
+            raise ClusterGone(translate_error(exc, action).message) from exc
+        except exceptions.ClusterNotUpError as exc:
+            raise ClusterNotUp(translate_error(exc, action).message) from exc
         except Exception as exc:
             raise translate_error(exc, action) from exc
 
-    def launch(self, task: Mapping[str, Any], cluster: str, *, down: bool, idle_minutes: int,
-               log: TextIO | None = None) -> int:
+    def submit_launch(self, task: Mapping[str, Any], cluster: str, *, down: bool, idle_minutes: int) -> str:
         import sky
 
-        def go() -> int:
-            rid = sky.launch(build_task(task), cluster_name=cluster, down=down,
-                             idle_minutes_to_autostop=idle_minutes)
-            job_id, _handle = sky.stream_and_get(rid, output_stream=cast(Any, log))
-            if job_id is None:
-                raise ProviderError(f"SkyPilot launched {cluster} but submitted no job")
-            return int(job_id)
+        return self._call(f"launch {cluster}", lambda: str(sky.launch(
+            build_task(task), cluster_name=cluster, down=down, idle_minutes_to_autostop=idle_minutes)))
 
-        return self._call(f"launch {cluster}", go)
-
-    def jobs_launch(self, task: Mapping[str, Any], name: str, log: TextIO | None = None) -> int:
-        import sky
+    def submit_jobs_launch(self, task: Mapping[str, Any], name: str) -> str:
         from sky import jobs
 
-        def go() -> int:
-            job_ids, _handle = sky.stream_and_get(jobs.launch(build_task(task), name=name),
-                                                  output_stream=cast(Any, log))
-            ids = job_ids if isinstance(job_ids, list) else [job_ids]
-            if not ids or ids[0] is None:
-                raise ProviderError(f"SkyPilot accepted managed job {name} but returned no id")
-            return int(ids[0])
+        return self._call(f"launch managed job {name}", lambda: str(jobs.launch(build_task(task), name=name)))
 
-        return self._call(f"launch managed job {name}", go)
+    def wait(self, request_id: str, log: TextIO | None = None) -> int:
+        import sky
+
+        def go() -> int:
+            result = sky.stream_and_get(cast(Any, request_id), output_stream=cast(Any, log))
+            return _job_id_of(result, request_id)
+
+        return self._call(f"finish launch request {request_id}", go)
+
+    def request_status(self, request_id: str) -> str | None:
+        import sky
+
+        def go() -> str | None:
+            found = [r for r in sky.api_status([request_id]) if str(r.request_id).startswith(request_id)]
+            return _value(found[0].status) if found else None
+
+        return self._call(f"get the status of request {request_id}", go)
+
+    def cancel_request(self, request_id: str) -> None:
+        import sky
+
+        self._call(f"cancel request {request_id}", lambda: sky.get(sky.api_cancel(request_id, silent=True)))
 
     def _status(self, names: list[str] | None, refresh: bool) -> list[ClusterInfo]:
         import sky
@@ -243,8 +391,10 @@ class RealSkyClient(SkyClient):
         out = []
         for r in records:
             _, spot = _nodes_spot(str(_field(r, "resources_str", "")))
+            launched = _field(r, "launched_at")
             out.append(ClusterInfo(name=_field(r, "name"), status=_value(_field(r, "status")),
-                                   nodes=int(_field(r, "nodes", 1)), spot=bool(spot)))
+                                   nodes=int(_field(r, "nodes", 1)), spot=bool(spot),
+                                   launched_at=float(launched) if launched is not None else None))
         return out
 
     def cluster(self, name: str, refresh: bool = False) -> ClusterInfo | None:
@@ -264,25 +414,29 @@ class RealSkyClient(SkyClient):
 
         return self._call(f"get job {job_id} on {cluster}", go)
 
-    def managed_jobs(self, job_ids: list[int] | None = None) -> list[ManagedJob]:
+    def managed_jobs(self, job_ids: list[int] | None = None, refresh: bool = False) -> list[ManagedJob]:
         import sky
         from sky import exceptions, jobs
 
         def go() -> list[ManagedJob]:
             try:
-                result = sky.get(jobs.queue_v2(refresh=False, job_ids=job_ids, fields=list(self._JOB_FIELDS)))
-            except exceptions.ClusterNotUpError:  # no jobs controller: no managed job is running
-                return []
+                result = sky.get(jobs.queue_v2(refresh=refresh, job_ids=job_ids, fields=list(self._JOB_FIELDS)))
+            except exceptions.ClusterNotUpError as exc:  # stopped, not provisioned, or unreachable
+                raise controller_unavailable(exc) from exc
             records = result[0] if isinstance(result, tuple) else result
             out = []
             for r in records:
-                nodes, spot = _nodes_spot(str(_field(r, "cluster_resources", "")))
+                resources = str(_field(r, "cluster_resources", ""))
+                if resources.strip() in ("", "-"):
+                    resources = str(_field(r, "resources", ""))
+                nodes, spot = _nodes_spot(resources)
                 out.append(ManagedJob(
                     job_id=int(_field(r, "job_id")), name=str(_field(r, "job_name", "")),
                     status=_value(_field(r, "status", "")),
                     recovery_count=int(_field(r, "recovery_count", 0)),
                     last_recovered_at=_field(r, "last_recovered_at"),
-                    failure_reason=str(_field(r, "failure_reason", "")), nodes=nodes, spot=spot))
+                    failure_reason=str(_field(r, "failure_reason", "")), nodes=nodes, spot=spot,
+                    submitted_at=_field(r, "submitted_at")))
             return out
 
         return self._call("list managed jobs", go)
@@ -296,11 +450,17 @@ class RealSkyClient(SkyClient):
         return job_output(buf.getvalue())
 
     def managed_logs(self, job_id: int) -> str:
-        from sky import jobs
+        from sky import exceptions, jobs
 
         buf = io.StringIO()
-        self._call(f"read the log of managed job {job_id}",
-                   lambda: jobs.tail_logs(job_id=job_id, follow=False, output_stream=buf))
+
+        def go() -> None:
+            try:
+                jobs.tail_logs(job_id=job_id, follow=False, output_stream=buf)
+            except exceptions.ClusterNotUpError as exc:
+                raise controller_unavailable(exc) from exc
+
+        self._call(f"read the log of managed job {job_id}", go)
         return job_output(buf.getvalue())
 
     def cancel(self, cluster: str, job_id: int) -> None:
@@ -311,9 +471,15 @@ class RealSkyClient(SkyClient):
 
     def jobs_cancel(self, job_id: int) -> None:
         import sky
-        from sky import jobs
+        from sky import exceptions, jobs
 
-        self._call(f"cancel managed job {job_id}", lambda: sky.get(jobs.cancel(job_ids=[job_id])))
+        def go() -> None:
+            try:
+                sky.get(jobs.cancel(job_ids=[job_id]))
+            except exceptions.ClusterNotUpError as exc:
+                raise controller_unavailable(exc) from exc
+
+        self._call(f"cancel managed job {job_id}", go)
 
     def down(self, cluster: str) -> None:
         import sky
@@ -326,3 +492,29 @@ class RealSkyClient(SkyClient):
                 return
 
         self._call(f"tear down {cluster}", go)
+
+
+def controller_unavailable(exc: BaseException) -> ControllerUnavailable:
+    """``ClusterNotUpError`` from a jobs call -> ``ControllerUnavailable`` (``stopped`` from the
+    exception's ``cluster_status``, set by sky/backends/backend_utils.py ``is_controller_accessible``)."""
+    status = getattr(exc, "cluster_status", None)
+    stopped = _value(status) == "STOPPED" if status is not None else False
+    handle = getattr(exc, "handle", None)
+    absent = status is None or handle is None or getattr(handle, "head_ip", None) is None
+    absent = absent and not stopped
+    text = " ".join(_ANSI.sub("", str(exc)).split())[:300] or type(exc).__name__
+    what = ("is stopped (SkyPilot stops it once no managed job runs)" if stopped
+            else "does not exist (yet)" if absent else "cannot be reached")
+    return ControllerUnavailable(f"SkyPilot's jobs controller {what}: {text}", stopped=stopped, absent=absent,
+                                 hint="`sky jobs queue --refresh` restarts it; `sky status` shows it")
+
+
+def _job_id_of(result: Any, request_id: str) -> int:
+    """The job id in a launch request's result: ``(job_id, handle)`` from ``sky.launch``,
+    ``(job_ids, handle)`` from ``sky.jobs.launch``."""
+    first = result[0] if isinstance(result, tuple) else result
+    if isinstance(first, list):
+        first = first[0] if first else None
+    if first is None:
+        raise ProviderError(f"SkyPilot's launch request {request_id} ended without submitting a job")
+    return int(first)

@@ -2,10 +2,11 @@
 
 An *orphan* is a cluster or managed job SkyPilot still holds under the name of a job that
 optjob considers finished with its resources released — a teardown that silently failed, or
-a manager killed while SkyPilot was still provisioning. A finished job whose resources were
-kept on purpose (``teardown: never`` / ``on_success``) is not one: ``optjob down NAME``
-releases those. Clusters named ``optjob-*`` that this state store does not know are left
-alone too (another machine's optjob may be running them).
+a manager killed while SkyPilot was still provisioning — recognised by the ids this OPTJOB_HOME
+recorded (a managed job's id, a cluster's ``launched_at``), not by name alone. A finished job
+whose resources were kept on purpose (``teardown: never`` / ``on_success``) is not one:
+``optjob down NAME`` releases those. Clusters and jobs named ``optjob-*`` that this state store
+did not launch are left alone too (another OPTJOB_HOME or machine may be running them).
 
 SkyPilot and boto3 are imported inside the functions that need them; ``optjob list`` asks
 SkyPilot nothing unless some job ran on it, the extra is installed and its API server is
@@ -26,32 +27,51 @@ import click
 from ..store import Store, open_store
 
 if TYPE_CHECKING:
-    from optjob.providers.sky_client import SkyClient
+    from optjob.providers.sky_client import Owned, SkyClient
     from optjob.providers.skypilot import SkyPilotProvider
 
 #: Seconds `optjob list` waits for SkyPilot before it carries on without the orphan check.
 ORPHAN_CHECK_S = 5.0
 
 
-def finished_clusters(store: Store) -> list[str]:
-    """Names of SkyPilot resources (``optjob-NAME`` and every attempt's cluster) of jobs that
-    are finished with nothing kept: what SkyPilot should no longer have."""
-    names: set[str] = set()
+def owned_resources(store: Store) -> Owned:
+    """What this OPTJOB_HOME launched on SkyPilot for jobs that are finished with nothing kept —
+    what SkyPilot should no longer have — by identity, not by name: managed job ids and cluster
+    incarnations (``launched_at``) recorded in every attempt's handle, or in the launch request
+    recorded before the handle (a manager stopped inside launch). Another OPTJOB_HOME on the same
+    API server has jobs of the same names, never the same ids. A cluster whose incarnation was not
+    recorded (state from an older optjob, a launch cut short) is matched by its name."""
+    from optjob.providers.sky_client import Owned
+    from optjob.providers.skypilot import read_request
+
+    ids: set[int] = set()
+    clusters: dict[str, set[float | None]] = {}
     for job in store.jobs():
         if job.provider != "skypilot" or not job.status.is_terminal():
             continue
-        attempts = store.attempts(job.name, run=job.run)
-        if any(a.handle and not a.released for a in attempts):
+        if any(a.handle and not a.released for a in store.attempts(job.name, run=job.run)):
             continue  # kept per the teardown policy: known, not an orphan
-        names.add(f"optjob-{job.name}")
-        names.update(str(a.handle["cluster"]) for a in attempts if a.handle and a.handle.get("cluster"))
-    return sorted(names)
+        for attempt in store.attempts(job.name):
+            record = {} if attempt.handle else read_request(Path(job.job_dir), attempt.number)
+            handle = attempt.handle or record.get("handle")
+            if not isinstance(handle, dict):
+                continue
+            data = dict(handle.get("data") or {})
+            job_id = data.get("job_id", record.get("job_id"))
+            if data.get("mode") == "managed":
+                if job_id is not None:
+                    ids.add(int(job_id))
+            elif handle.get("cluster"):
+                clusters.setdefault(str(handle["cluster"]), set()).add(data.get("launched_at"))
+    return Owned(frozenset(ids), {name: frozenset(marks) for name, marks in clusters.items()})
 
 
-def orphans(client: SkyClient, finished: list[str]) -> list[str]:
-    from optjob.providers.sky_client import find_orphans
+def orphans(client: SkyClient, owned: Owned) -> list[str]:
+    """What SkyPilot still holds of ``owned``, one name each (a managed job with its id)."""
+    from optjob.providers.sky_client import find_owned_orphans
 
-    return find_orphans(client, finished)
+    jobs, clusters = find_owned_orphans(client, owned)
+    return sorted([f"{j.name} (managed job {j.job_id})" for j in jobs] + [c.name for c in clusters])
 
 
 def local_api_server_down() -> bool:
@@ -84,7 +104,7 @@ def orphan_warning(store: Store, *, client: SkyClient | None = None,
         return None
     if client is None and (importlib.util.find_spec("sky") is None or local_api_server_down()):
         return None
-    finished = finished_clusters(store)  # read here: the store's connection stays in this thread
+    owned = owned_resources(store)  # read here: the store's connection stays in this thread
     found: dict[str, Any] = {}
 
     def check() -> None:
@@ -95,7 +115,7 @@ def orphan_warning(store: Store, *, client: SkyClient | None = None,
 
                 sky = RealSkyClient()
             if sky.reachable():  # never starts an API server
-                found["names"] = orphans(sky, finished)
+                found["names"] = orphans(sky, owned)
         except Exception as exc:  # the check is advisory: `list` must work regardless
             found["error"] = exc
 
@@ -116,19 +136,18 @@ def warn_orphans(store: Store) -> None:
 
 
 def down_orphans(store: Store, provider: SkyPilotProvider) -> list[str]:
-    """Tear every orphan down (cancel a managed job, down a cluster), confirmed; returns the names."""
+    """Tear every orphan down (cancel a managed job by its id, down a cluster whose incarnation this
+    OPTJOB_HOME launched), confirmed; returns their names. Nothing of another OPTJOB_HOME is touched."""
     from optjob.providers.base import Handle
+    from optjob.providers.sky_client import find_owned_orphans
 
-    client = provider.client
-    names = orphans(client, finished_clusters(store))
-    for name in names:
-        for job in client.managed_jobs():
-            if job.name == name and not job.terminal:
-                provider.teardown(Handle(provider="skypilot", cluster=name, attempt=0,
-                                         data={"mode": "managed", "job_id": job.job_id}))
-        if client.cluster(name) is not None:
-            provider.teardown(Handle(provider="skypilot", cluster=name, attempt=0))
-    return names
+    jobs, clusters = find_owned_orphans(provider.client, owned_resources(store))
+    for job in jobs:
+        provider.teardown(Handle(provider="skypilot", cluster=job.name, attempt=0,
+                                 data={"mode": "managed", "job_id": job.job_id}))
+    for cluster in clusters:
+        provider.teardown(Handle(provider="skypilot", cluster=cluster.name, attempt=0))
+    return sorted([f"{j.name} (managed job {j.job_id})" for j in jobs] + [c.name for c in clusters])
 
 
 def down_orphans_command() -> None:

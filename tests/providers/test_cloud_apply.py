@@ -17,7 +17,7 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,11 @@ from optjob.manager.plan import Plan
 from optjob.manager.planner import make_plan
 from optjob.manager.reconcile import reconcile_orphaned
 from optjob.manager.store import Store
+from optjob.providers.base import LaunchRequest
 from optjob.providers.skypilot import SkyPilotProvider
 from optjob.specs import JobSpec
 from optjob.specs.errors import ProviderError
+from optjob.specs.resources import BudgetSpec
 
 WHEEL = "/tmp/optjob-dist/optjob-0.1.0-py3-none-any.whl"
 NAME, CLUSTER = "cloudy", "optjob-cloudy"
@@ -44,16 +46,28 @@ MARGIN = STOP_MARGIN_S["skypilot"]
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moto_endpoint: str) -> Iterator[Path]:
+    """An OPTJOB_HOME, and the jobs' bucket on moto's S3 (the manager reads it before a relaunch)."""
+    import boto3
+
     monkeypatch.setenv("OPTJOB_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("OPTJOB_WHEEL", raising=False)
-    return tmp_path / "home"
+    for key, value in {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    bucket = BUCKET.removeprefix("s3://").split("/")[0]
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint)
+    s3.create_bucket(Bucket=bucket)
+    yield tmp_path / "home"
+    for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+        s3.delete_object(Bucket=bucket, Key=obj["Key"])
+    s3.delete_bucket(Bucket=bucket)
 
 
 def provider_for(fake: FakeSky, retries: int = 5) -> SkyPilotProvider:
     """The real provider on the fake client; waits shortened, the clock real (the meter's is)."""
     return SkyPilotProvider(client=fake, wheel=WHEEL, sleep=lambda s: time.sleep(min(s, 0.01)), retries=retries,
-                            backoff_s=0.01, teardown_timeout_s=20, confirm_interval_s=0.01)
+                            backoff_s=0.01, teardown_timeout_s=20, confirm_interval_s=0.01, log_interval_s=0.01)
 
 
 def priced(spec: JobSpec, hourly_usd: float | None = None) -> Plan:
@@ -191,7 +205,7 @@ def test_spot_run_survives_a_preemption(home: Path) -> None:
     assert store.spend(NAME, 2) >= (a2.ended_at - a2.started_at) * rate * 0.95  # type: ignore[operator]
     assert out.spent_usd == pytest.approx(store.spend(NAME, 1) + store.spend(NAME, 2))
     assert fake.count("jobs_cancel") == 0  # it ended on its own; nothing to cancel
-    assert cloud_commands.orphans(fake, cloud_commands.finished_clusters(store)) == []
+    assert cloud_commands.orphans(fake, cloud_commands.owned_resources(store)) == []
 
 
 def test_budget_cap_mid_run_stops_within_max_usd(home: Path) -> None:
@@ -287,7 +301,7 @@ def test_killed_manager_is_replaced_by_a_fresh_one(home: Path) -> None:
     job = reconcile_orphaned(fresh_store, fresh_provider, fresh_store.job(NAME))  # type: ignore[arg-type]
     assert job.status == JobStatus.RUNNING and job.progress["step"] == 2
     assert kinds(fresh_store) == ["step_started", "progress", "progress"]  # each event once
-    assert cloud_commands.orphans(fake, cloud_commands.finished_clusters(fresh_store)) == []  # still running
+    assert cloud_commands.orphans(fake, cloud_commands.owned_resources(fresh_store)) == []  # still running
 
     # A second apply of the same spec attaches to the running job rather than launching another.
     second = Manager(provider_for(fake), plan, spec)
@@ -305,46 +319,64 @@ def test_killed_manager_is_replaced_by_a_fresh_one(home: Path) -> None:
 
 
 def test_orphans_are_flagged_and_removed(home: Path) -> None:
-    """SkyPilot still holding something of a job optjob finished: a teardown SkyPilot confirmed but
-    did not do, and a manager killed inside launch (no handle recorded, the cluster made anyway)."""
+    """SkyPilot still holding something of a job optjob finished — a teardown SkyPilot confirmed but
+    did not do — found by the ids this OPTJOB_HOME recorded; a manager killed inside launch leaves
+    a recorded request, which the next look adopts instead of calling the attempt lost."""
     fake = FakeSky()
     provider = provider_for(fake)
     store = Store(paths.db_path())
 
-    spec = make_spec(SPOT)
+    # Budgets that the cost of these pipelines on A100:8 stays far from: this test is about orphans.
+    roomy = {"budget": BudgetSpec(max_usd=1000.0, max_hours=10.0)}
+    spec = make_spec(SPOT).model_copy(update=roomy)
     manager = Manager(provider, priced(spec), spec)
     job_id = wait(lambda: next(iter(fake.managed), None), "the managed job")
     fake.managed[job_id].status = "RUNNING"
     fake.exit(fake.managed[job_id], 0)
     assert manager.join().status == JobStatus.SUCCEEDED
-    assert cloud_commands.orphans(fake, cloud_commands.finished_clusters(store)) == []
-    fake.clusters_[CLUSTER] = FakeCluster(CLUSTER, 1)  # left behind
+    on_demand = make_spec(ON_DEMAND, name="ondemand").model_copy(update=roomy)
+    manager = Manager(provider, priced(on_demand), on_demand)
+    wait(lambda: "optjob-ondemand" in fake.clusters_ and fake.clusters_["optjob-ondemand"].jobs, "the cluster job")
+    left = fake.clusters_["optjob-ondemand"]
+    fake.exit(left.jobs[max(left.jobs)], 0)
+    assert manager.join().status == JobStatus.SUCCEEDED
+    assert cloud_commands.orphans(fake, cloud_commands.owned_resources(store)) == []
 
-    # The manager died inside launch: an attempt without a handle; SkyPilot made the job anyway.
+    # SkyPilot confirmed both teardowns but still holds them (the same job id, the same incarnation).
+    fake.managed[job_id].status = "RUNNING"
+    fake.clusters_["optjob-ondemand"] = dataclasses.replace(left, downed_at_call=None, status="UP")
+    # What this store did not launch is left alone: another home's cluster of a finished job's name.
+    fake.clusters_[CLUSTER] = FakeCluster(CLUSTER, 1, launched_at=left.launched_at + 1)
+    fake.clusters_["optjob-someone-else"] = FakeCluster("optjob-someone-else", 1)
+    expected = ["optjob-cloudy (managed job 1)", "optjob-ondemand"]
+    assert cloud_commands.orphans(fake, cloud_commands.owned_resources(store)) == expected
+    warning = cloud_commands.orphan_warning(store, client=fake)
+    assert warning is not None and ", ".join(expected) in warning and "down --orphans" in warning
+
+    assert cloud_commands.down_orphans(store, provider) == expected
+    assert fake.calls.count(("jobs_cancel", job_id)) == 1 and fake.managed[job_id].status == "CANCELLED"
+    assert fake.cluster("optjob-ondemand") is None
+    assert cloud_commands.orphan_warning(store, client=fake) is None
+    assert fake.cluster(CLUSTER) is not None and fake.cluster("optjob-someone-else") is not None
+
+    # The manager died inside launch, after SkyPilot took the request: adopted, not lost, not resubmitted.
     other = make_spec(SPOT, name="halfway")
     store.claim_job("halfway", provider="skypilot", job_dir=str(paths.job_dir("halfway")), spec_path=None,
                     spec_json=other.model_dump_json(), plan_json=None, owner_alive=lambda j: False)
-    store.add_attempt("halfway", run=1, provider="skypilot", hourly_usd=2.0, nodes=1, spot=True)
+    attempt = store.add_attempt("halfway", run=1, provider="skypilot", hourly_usd=2.0, nodes=1, spot=True)
+
+    def killed(req: Any) -> None:
+        fake.on_wait = None
+        raise Killed
+
+    fake.on_wait = killed
+    with pytest.raises(Killed):
+        provider.launch(LaunchRequest(spec=other, job_dir=paths.job_dir("halfway"), attempt=attempt.number))
     store.update_job("halfway", owner_pid=dead_pid())
-    stray = fake.jobs_launch({"num_nodes": 1}, "optjob-halfway")
-    fake.managed[stray].status = "RUNNING"
     job = reconcile_orphaned(store, provider, store.job("halfway"))  # type: ignore[arg-type]
-    assert job.status == JobStatus.STOPPED and "while launching" in (job.message or "")
-    assert store.attempts("halfway")[0].status == "lost"
-
-    # Running jobs and clusters this store does not know are not orphans.
-    fake.clusters_["optjob-someone-else"] = FakeCluster("optjob-someone-else", 1)
-    assert cloud_commands.finished_clusters(store) == ["optjob-cloudy", "optjob-halfway"]
-    assert cloud_commands.orphans(fake, cloud_commands.finished_clusters(store)) == ["optjob-cloudy",
-                                                                                     "optjob-halfway"]
-    warning = cloud_commands.orphan_warning(store, client=fake)
-    assert warning is not None and "optjob-cloudy, optjob-halfway" in warning and "down --orphans" in warning
-
-    assert cloud_commands.down_orphans(store, provider) == ["optjob-cloudy", "optjob-halfway"]
-    assert fake.count("down") == 1 and fake.calls.count(("jobs_cancel", stray)) == 1
-    assert fake.cluster(CLUSTER) is None and fake.managed[stray].status == "CANCELLED"
-    assert cloud_commands.orphan_warning(store, client=fake) is None
-    assert fake.cluster("optjob-someone-else") is not None  # left alone
+    (adopted,) = store.attempts("halfway")
+    assert adopted.handle is not None and adopted.handle["data"]["job_id"] in fake.managed
+    assert job.status in (JobStatus.LAUNCHING, JobStatus.RUNNING) and fake.count("jobs_launch") == 2
 
 
 def test_orphan_check_never_slows_list_down(home: Path) -> None:

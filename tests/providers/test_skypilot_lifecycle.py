@@ -17,7 +17,13 @@ from typing import Any
 import pytest
 from fake_sky import FakeClock, FakeSky, make_spec, sky_home  # noqa: F401  (sky_home: fixture)
 from optjob.providers import AttemptState, Handle, LaunchRequest
-from optjob.providers.sky_client import RealSkyClient, TransientSkyError, job_output, translate_error
+from optjob.providers.sky_client import (
+    RealSkyClient,
+    TransientSkyError,
+    job_output,
+    live_managed_jobs,
+    translate_error,
+)
 from optjob.providers.skypilot import OWNER_FILE, SkyPilotProvider, find_orphans
 from optjob.specs.errors import ProviderError, TeardownError
 from optjob.steps.events import parse_event
@@ -122,19 +128,22 @@ def test_stop_waits_for_the_checkpoint(provider: SkyPilotProvider, fake: FakeSky
     provider.stop(other)  # safe on an ended attempt
 
 
-def test_read_log_offsets_and_events(provider: SkyPilotProvider, fake: FakeSky, tmp_path: Path) -> None:
+def test_read_log_offsets_and_events(provider: SkyPilotProvider, fake: FakeSky, clock: FakeClock,
+                                     tmp_path: Path) -> None:
     handle = provider.launch(request(tmp_path, ON_DEMAND))
     job = fake.job(handle.cluster, handle.data["job_id"])
     assert provider.read_log(handle, 0) == ("", 0)
     fake.emit(job, "step_started", index=0, kind="train", total=2)
     fake.line(job, "plain text é")
-    job.log.append('(task, pid=4242) {"event": "progress", "ts": 0, "v": 1, "step": 1')  # partial
+    job.log.append('(optjob-cloudy, pid=4242) {"event": "progress", "ts": 0, "v": 1, "step": 1')  # partial
+    clock.now += provider.log_interval_s  # SkyPilot is asked for the log at most this often
     text, offset = provider.read_log(handle, 0)
     assert text.count("\n") == 2 and offset == len(text.encode())
     events = [e for e in map(parse_event, text.splitlines()) if e]
     assert [e["event"] for e in events] == ["step_started"]
     assert provider.read_log(handle, offset) == ("", offset)  # partial line held back
     job.log.append(', "max_steps": 2}\n')
+    clock.now += provider.log_interval_s
     more, offset2 = provider.read_log(handle, offset)
     assert parse_event(more)["step"] == 1 and offset2 > offset
     whole, _ = provider.read_log(handle, 0)
@@ -197,7 +206,7 @@ def test_spot_preemption_becomes_new_attempts(provider: SkyPilotProvider, fake: 
     assert provider.poll(first).state is AttemptState.PREEMPTED
     second = provider.launch(request(tmp_path, SPOT, attempt=2))
     assert fake.count("jobs_launch") == 1  # adopted, not resubmitted
-    assert second.data["job_id"] == job_id and second.data["recovery_count"] == 1
+    assert second.data["job_id"] == job_id and second.data["prev_mark"] == job.last_recovered_at
     assert json.loads((tmp_path / "job" / OWNER_FILE).read_text()) == {"job_id": job_id, "attempt": 2}
     assert provider.poll(second).state is AttemptState.LAUNCHING
     provider.teardown(first)  # a later attempt owns the job: nothing is cancelled
@@ -321,7 +330,7 @@ def test_real_client_against_a_local_api_server(sky_home: Path) -> None:  # noqa
     client = RealSkyClient()
     try:
         assert client.cluster("optjob-none") is None  # starts the server on first use
-        assert client.clusters() == [] and client.managed_jobs() == []
+        assert client.clusters() == [] and live_managed_jobs(client) == []  # no jobs controller: no job
         client.down("optjob-none")  # an absent cluster is fine
         with pytest.raises(ProviderError, match="does not exist"):
             client.job_status("optjob-none", 1)
