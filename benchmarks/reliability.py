@@ -16,11 +16,19 @@ assert the same properties on smaller samples; this measures them at size:
 - secrets: a real ``apply --local`` and every read command with credentials set to sentinels in
   the environment and in ~/.aws, ~/.sky and the Hugging Face token file; a leak is a sentinel in
   any file under OPTJOB_HOME (state.db bytes included) or any output.
+- manager faults: the manager/provider cases of issue 13, each through the CLI with the stand-in
+  workload; a case is handled when the record stays true and the user gets one clear line: `down`
+  after a finished job whose pid was reused, a dry run beside a real job named NAME-dry-run, a
+  manager SIGKILLed between starting the workload and saving its handle, 11 rehearsed kills (more
+  than the recovery limit) and a rehearsal too short for its kills, a job folder that cannot be
+  written when a finished job is applied again, SQLite's "database or disk is full" mid-run, and an
+  empty state.db.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -40,8 +48,10 @@ NAME = "reliability"
 TITLE = "Reliability"
 MEASURES = ("Fuzzed spec documents through the loader; `apply --simulate-preemption 2` of a tiny real pipeline "
             "against a straight run; pairs of concurrent `apply` of one name; a real apply plus every read command "
-            "with credentials set to sentinels (see benchmarks/reliability.py).")
-GOAL = "0 loader crashes, identical metrics after kills, lost work <= checkpoint_every, 0 duplicates, 0 leaks"
+            "with credentials set to sentinels; the manager/provider fault cases of issue 13 "
+            "(see benchmarks/reliability.py).")
+GOAL = ("0 loader crashes, identical metrics after kills, lost work <= checkpoint_every, 0 duplicates, 0 leaks, "
+        "every manager fault case handled")
 
 #: Counts, not timings: ``--quick`` runs it beside the timed comparisons (benchmarks/__main__.py).
 BESIDE = True
@@ -236,6 +246,193 @@ def secrets(tmp: Path, quick: bool = False) -> dict[str, Any]:
             "leak_examples": leaks[:5]}
 
 
+# ---- manager faults (issue 13) -------------------------------------------------------------------
+
+#: A driver whose manager is SIGKILLed right after the workload started, before its handle is saved.
+DYING_DRIVER = """\
+import os, signal, sys
+import optjob.manager.commands.common as c
+from optjob.providers.local import LocalProvider
+class Dying(LocalProvider):
+    def launch(self, request):
+        super().launch(request)
+        os.kill(os.getpid(), signal.SIGKILL)
+c.provider_for = lambda name: Dying(python=os.environ["OPTJOB_TEST_STANDIN"])
+from optjob.manager.cli import main
+main(sys.argv[1:])
+"""
+#: A driver whose state store has no room left once the first attempt is recorded (SQLITE_FULL).
+FULL_DRIVER = """\
+import sys
+import optjob.manager.store as st
+from optjob.manager import paths
+class Full(st.Store):
+    def add_attempt(self, *args, **kwargs):
+        row = super().add_attempt(*args, **kwargs)
+        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+        self.db.execute(f"PRAGMA max_page_count = {pages}")
+        return row
+st.open_store = lambda: Full(paths.db_path())
+sys.argv[0] = "optjob"
+exec(open(sys.argv.pop(1)).read())
+"""
+
+
+def _wait(predicate: Any, timeout: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _one_line(proc: subprocess.CompletedProcess[str], *, code: int, says: str) -> bool:
+    lines = proc.stderr.strip().splitlines()
+    return (proc.returncode == code and len(lines) == 1 and says in lines[0] and "internal error" not in lines[0]
+            and "Traceback" not in proc.stderr)
+
+
+def _row(home: Path, name: str = "tiny") -> dict[str, Any]:
+    con = sqlite3.connect(home / "state.db")
+    con.row_factory = sqlite3.Row
+    try:
+        row = con.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+        attempts = con.execute("SELECT * FROM attempts WHERE job_name = ? ORDER BY number", (name,)).fetchall()
+    finally:
+        con.close()
+    return {**dict(row or {}), "attempts": [dict(a) for a in attempts]}
+
+
+def _job_pids(home: Path) -> list[int]:
+    marks = {f"OPTJOB_HOME={home}".encode(), b"OPTJOB_JOB=tiny"}
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marks <= set((entry / "environ").read_bytes().split(b"\0")) \
+                    and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def manager_faults(tmp: Path) -> dict[str, Any]:
+    """Each case of issue 13 once, through the CLI with the stand-in workload: handled or not."""
+    exe = tmp / "standin-python"
+    exe.write_text(f"#!/bin/sh\nexec {PYTHON} {STANDIN}\n")
+    exe.chmod(0o755)
+    env = base_env(OPTJOB_TEST_STANDIN=str(exe), STANDIN_ROOT=os.pathsep.join(sys.path), STANDIN_STEPS="2")
+    for name, text in (("dying.py", DYING_DRIVER), ("full.py", FULL_DRIVER)):
+        (tmp / name).write_text(text)
+
+    def spec(name: str = "tiny", extra: str = "") -> str:
+        f = tmp / f"{name}.yaml"
+        f.write_text(f"name: {name}\nmodel: {{init: {{}}}}\nsteps: [{{train: {{}}}}]\nresources: {{cloud: local}}\n"
+                     + extra)
+        return str(f)
+
+    def run_in(home: Path, *args: str, driver: Path = DRIVER, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PYTHON, str(driver), *args], capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL, env={**env, "OPTJOB_HOME": str(home), **extra})
+
+    cases: dict[str, bool] = {}
+    problems: list[str] = []
+
+    def case(name: str, check: Any) -> None:
+        home = tmp / f"faults-{name}"
+        try:
+            cases[name] = bool(check(home))
+        except Exception as exc:  # a case that crashes is not handled; the others still run
+            cases[name] = False
+            problems.append(f"{name}: {type(exc).__name__}: {str(exc)[:200]}")
+        finally:
+            for pid in _job_pids(home):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, 9)
+
+    def pid_reuse(home: Path) -> bool:
+        run_in(home, "apply", spec(extra="teardown: never\n"), "--local", "--yes")
+        bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        try:
+            handle = json.loads(_row(home)["attempts"][0]["handle_json"])
+            handle["data"].update(pid=bystander.pid, pgid=bystander.pid)
+            con = sqlite3.connect(home / "state.db")
+            con.execute("UPDATE attempts SET handle_json = ?", (json.dumps(handle),))
+            con.commit()
+            con.close()
+            down = run_in(home, "down", "tiny")
+            return down.returncode == 0 and bystander.poll() is None
+        finally:
+            bystander.kill()
+            bystander.wait()
+
+    def dry_run_name(home: Path) -> bool:
+        run_in(home, "apply", spec("tiny-dry-run"), "--local", "--yes")
+        before = _row(home, "tiny-dry-run")
+        job_json = (home / "jobs" / "tiny-dry-run" / "job.json").read_bytes()
+        dry = run_in(home, "apply", spec(), "--dry-run")
+        return (_one_line(dry, code=2, says="is a real job") and _row(home, "tiny-dry-run") == before
+                and (home / "jobs" / "tiny-dry-run" / "job.json").read_bytes() == job_json)
+
+    def crash_in_launch(home: Path) -> bool:
+        run_in(home, "apply", spec(), "--local", "--yes", driver=tmp / "dying.py", STANDIN_STEPS="60",
+               STANDIN_SLEEP="0.05")
+        status = run_in(home, "status", "tiny", "--json")
+        running = status.returncode == 0 and json.loads(status.stdout)["status"] == "running"
+        again = run_in(home, "apply", spec(), "--local", "--yes", "--json")
+        row = _row(home)
+        return (running and again.returncode == 0 and len(row["attempts"]) == 1
+                and row["attempts"][0]["status"] == "succeeded" and not _job_pids(home))
+
+    def rehearsal_over_limit(home: Path) -> bool:
+        proc = run_in(home, "apply", spec(), "--local", "--yes", "--simulate-preemption", "11", STANDIN_STEPS="20",
+                      STANDIN_SLEEP="0.1")  # each attempt outlives its kill point (1 to 6 events) by ticks
+        statuses = [a["status"] for a in _row(home)["attempts"]]
+        return proc.returncode == 0 and statuses == ["preempted"] * 11 + ["succeeded"]
+
+    def rehearsal_shortfall(home: Path) -> bool:
+        proc = run_in(home, "apply", spec(), "--local", "--yes", "--simulate-preemption", "3", STANDIN_STEPS="1")
+        kills = sum(a["status"] == "preempted" for a in _row(home)["attempts"])
+        return proc.returncode == 0 and (kills == 3 or f"only {kills} of the 3 kills" in proc.stderr)
+
+    def unwritable_job_folder(home: Path) -> bool:
+        run_in(home, "apply", spec(), "--local", "--yes")
+        before = _row(home)
+        (home / "jobs" / "tiny" / "spec.yaml").unlink()
+        (home / "jobs" / "tiny" / "spec.yaml").mkdir()  # an OSError on writing, even for root
+        proc = run_in(home, "apply", spec(), "--local", "--yes")
+        run_in(home, "status", "tiny")
+        after = _row(home)
+        same = all(after[k] == before[k] for k in ("status", "reason", "run", "message", "spec_json"))
+        return _one_line(proc, code=1, says="cannot write the job folder") and same
+
+    def disk_full(home: Path) -> bool:
+        proc = run_in(home, str(DRIVER), "apply", spec(), "--local", "--yes", driver=tmp / "full.py",
+                      STANDIN_STEPS="200", STANDIN_SLEEP="0.01")
+        exit_file = home / "jobs" / "tiny" / "logs" / "attempt-1.exit"
+        ended = _wait(exit_file.exists)
+        status = run_in(home, "status", "tiny", "--json")
+        return (_one_line(proc, code=1, says="disk full: cannot write") and ended and status.returncode == 0
+                and json.loads(status.stdout)["status"] == "succeeded")
+
+    def empty_state_db(home: Path) -> bool:
+        run_in(home, "apply", spec(), "--local", "--yes")
+        (home / "state.db").write_bytes(b"")
+        for extra in ("state.db-wal", "state.db-shm"):
+            (home / extra).unlink(missing_ok=True)
+        return _one_line(run_in(home, "list"), code=1, says="is an empty file")
+
+    for name, check in (("pid_reuse_down", pid_reuse), ("dry_run_beside_real_job", dry_run_name),
+                        ("killed_inside_launch", crash_in_launch), ("rehearsal_over_recovery_limit",
+                                                                    rehearsal_over_limit),
+                        ("rehearsal_shortfall_said", rehearsal_shortfall),
+                        ("unwritable_job_folder", unwritable_job_folder), ("disk_full_mid_run", disk_full),
+                        ("empty_state_db", empty_state_db)):
+        case(name, check)
+    return {"cases": len(cases), "handled": sum(cases.values()), "by_case": cases, "problems": problems}
+
+
 # ---- the comparison ------------------------------------------------------------------------------
 
 
@@ -253,22 +450,28 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
     t = time.perf_counter()
     figures["secrets"] = secrets(tmp, quick)
     figures["secrets"]["seconds"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    figures["manager_faults"] = manager_faults(tmp)  # counts: the same cases in --quick
+    figures["manager_faults"]["seconds"] = round(time.perf_counter() - t, 1)
     return figures
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
     f = measure(ctx.quick, ctx.mkdtemp("reliability-"))
     fz, rh, ca, sc = f["fuzz"], f["rehearsal"], f["concurrent_applies"], f["secrets"]
+    mf = f["manager_faults"]
     met = (fz["crashes"] == 0 and rh["kills_survived_identical"] == rh["kills"] > 0
            and rh["max_lost_steps_per_kill"] <= rh["checkpoint_every"] and ca["duplicate_jobs"] == 0
-           and sc["leaks"] == 0)
+           and sc["leaks"] == 0 and mf["handled"] == mf["cases"])
     summary = (f"fuzz: {fz['documents']:,} malformed documents, {fz['crashes']} crashes; rehearsal: "
                f"{rh['kills_survived_identical']} of {rh['kills']} kills survived with identical metrics and weights, "
                f"at most {rh['max_lost_steps_per_kill']} steps lost per kill "
                f"(checkpoint_every {rh['checkpoint_every']})"
                f"; concurrent apply: {ca['duplicate_jobs']} duplicate jobs in {ca['trials']} trials; secrets: "
-               f"{sc['leaks']} leaks of {sc['sentinels']} sentinels over {sc['files_scanned']} files")
-    notes = [f"reliability: {c}" for c in fz["crash_examples"] + sc["leak_examples"]]
+               f"{sc['leaks']} leaks of {sc['sentinels']} sentinels over {sc['files_scanned']} files"
+               f"; manager faults: {mf['handled']} of {mf['cases']} cases handled")
+    notes = [f"reliability: {c}" for c in fz["crash_examples"] + sc["leak_examples"] + mf["problems"]]
+    notes += [f"reliability: manager fault not handled: {k}" for k, ok in mf["by_case"].items() if not ok]
     return {"summary": summary, "met": met, "metrics": f, "notes": notes}
 
 

@@ -17,23 +17,53 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from optjob.providers.base import AttemptState, Handle, LaunchRequest, Provider
+from optjob.providers.base import AttemptState, Handle, LaunchRequest, Poll, Provider, TransientProviderError
 from optjob.specs import JobSpec
 from optjob.specs.errors import BudgetExceeded, Interrupted, JobFailed, ProviderError, UsageError
 from optjob.specs.steps import TrainOptions
-from optjob.steps.layout import JobFile
+from optjob.steps.layout import JobFile, kept_progress
 
 from . import paths
 from .clock import Clock
 from .job_states import JobStatus, Reason
-from .meter import STOP_MARGIN_S, Budget, job_elapsed_s, over_budget, rate_usd_per_s, seconds_left
+from .meter import (
+    Budget,
+    checkpoint_interval_s,
+    grace_s,
+    job_elapsed_s,
+    over_budget,
+    rate_usd_per_s,
+    seconds_left,
+    slowest_checkpoint_s,
+    stop_margin_s,
+    teardown_margin_s,
+)
+from .outcome import Unsettled, record_settled, settle
 from .plan import Plan
 from .pricing.calibration_store import record_calibration
-from .reconcile import final_status, finalize, observe, owner_alive, reconcile_orphaned
+from .reconcile import (
+    checkpoint_seconds,
+    enforce_stop,
+    finalize,
+    observe,
+    owner_alive,
+    reconcile_orphaned,
+    request_stop,
+    stopped_status,
+)
 from .rehearsal import Rehearsal
-from .store import AttemptRow, JobRow, Store
+from .render import job_status_text
+from .store import AttemptRow, JobRow, Store, folder_write_error
 
 MAX_RECOVERIES = 10
+#: While the provider cannot say what an attempt does (``UNKNOWN``) or fails transiently, the loop
+#: waits longer each time, up to this; every ``SETTLE_EVERY`` such ticks it looks for a durable
+#: record that the work finished (``outcome.settle``), as it always does before a relaunch.
+UNKNOWN_MAX_WAIT_S = 60.0
+SETTLE_EVERY = 3
+#: A record that cannot be read this many times in a row (storage unreachable, no credentials for
+#: it) is given up on: the loop goes on as if there were none.
+UNREADABLE_GIVE_UP = 5
 
 
 class Reporter(Protocol):
@@ -64,16 +94,20 @@ class Outcome:
             return
         reason = self.reason.value if self.reason else "?"
         text = f"job {self.name} {self.status.value} ({reason})" + (f": {self.message}" if self.message else "")
+        kept = kept_progress(self.job_dir)
+        resume = (f"kept: {kept}" if kept else "nothing saved yet: a new apply starts from the beginning")
         if self.reason == Reason.BUDGET:
-            raise BudgetExceeded(text, hint="checkpoint kept; apply again with a larger budget to resume")
+            raise BudgetExceeded(text, hint=f"{resume}; apply again with a larger budget to resume")
         if self.reason == Reason.CANCELLED:
-            raise Interrupted(text, hint="checkpoint kept; apply again to resume")
+            raise Interrupted(text, hint=f"{resume}; apply again to resume")
         raise JobFailed(text, hint=f"see `optjob logs {self.name}`")
 
 
 def resolve_paths(spec: JobSpec, base: Path) -> dict[str, Any]:
     """The spec as a dict with local paths made absolute (relative to the spec's folder)."""
     d = spec.model_dump(mode="json")
+    for manager_only in ("notify", "tracking"):  # the manager's own (a webhook URL is often a secret)
+        d.pop(manager_only, None)
 
     def absolute(value: str) -> str:
         p = Path(value).expanduser()
@@ -89,6 +123,10 @@ def resolve_paths(spec: JobSpec, base: Path) -> dict[str, Any]:
     return d
 
 
+def max_seconds(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
 class Controller:
     """Runs one plan to its end. ``provider`` and ``store`` are injected (tests pass their own)."""
 
@@ -102,11 +140,12 @@ class Controller:
         self.reporter = reporter or Silent()
         self.tick_s = tick_s
         self.on_launch = on_launch
+        self._unreadable = 0  # durable-record reads in a row that failed (see ``_outcome_of``)
 
     # ---- entry points ---------------------------------------------------------------------------
 
     def apply(self, plan: Plan, spec: JobSpec, *, detach: bool = False) -> Outcome:
-        job_dir = paths.job_dir(spec.name)
+        job_dir = paths.dry_run_dir(spec.name) if plan.dry_run else paths.job_dir(spec.name)
         earlier = self.store.job(spec.name)
         if earlier is not None and earlier.provider == self.provider.name and not earlier.status.is_terminal() \
                 and not owner_alive(earlier):
@@ -120,7 +159,12 @@ class Controller:
         if attach:
             self.reporter.status(f"{spec.name} is already running (pid {job.owner_pid}); following it")
             return self.follow(job.name)
-        self._prepare(job_dir, spec, plan)
+        try:
+            self._prepare(job_dir, spec, plan)
+        except BaseException as exc:  # nothing ran: a finished job keeps its record; a new one says why
+            if not self.store.restore_previous_run(job.name) and not self.store.attempts(job.name, run=job.run):
+                finalize(self.store, self.provider, job, JobStatus.FAILED, Reason.FAILED, str(exc)[:2000])
+            raise
         return self._run(job, plan, detach=detach)
 
     def follow(self, name: str) -> Outcome:
@@ -135,7 +179,10 @@ class Controller:
             if job.status.is_terminal():
                 return self._outcome(job)
             if not owner_alive(job):
-                reconcile_orphaned(self.store, self.provider, job)
+                try:
+                    reconcile_orphaned(self.store, self.provider, job, thorough=True)
+                except TransientProviderError as exc:  # look again next tick
+                    self.reporter.status(f"{exc.message}; asking again")
             self.clock.sleep(self.tick_s)
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -149,13 +196,19 @@ class Controller:
         return False
 
     def _prepare(self, job_dir: Path, spec: JobSpec, plan: Plan) -> None:
-        job_dir.mkdir(parents=True, exist_ok=True)
         base = Path(plan.spec_path).parent if plan.spec_path else Path.cwd()
-        if plan.spec_path and Path(plan.spec_path).is_file():
-            shutil.copyfile(plan.spec_path, job_dir / "spec.yaml")
-        # A node in the cloud keeps its own cache (this machine's path means nothing there).
-        JobFile(spec=resolve_paths(spec, base), dry_run=plan.dry_run, device="cpu" if plan.local else "auto",
-                cache_dir=str(paths.cache_dir()) if plan.local else None).write(job_dir)
+        try:
+            job_dir.mkdir(parents=True, exist_ok=True)
+            copy = job_dir / "spec.yaml"
+            # Applying the job folder's own spec.yaml: it is already there.
+            if plan.spec_path and Path(plan.spec_path).is_file() \
+                    and not (copy.exists() and os.path.samefile(plan.spec_path, copy)):
+                shutil.copyfile(plan.spec_path, copy)
+            # A node in the cloud keeps its own cache (this machine's path means nothing there).
+            JobFile(spec=resolve_paths(spec, base), dry_run=plan.dry_run, device="cpu" if plan.local else "auto",
+                    cache_dir=str(paths.cache_dir()) if plan.local else None).write(job_dir)
+        except OSError as exc:
+            raise folder_write_error(job_dir, exc) from None
 
     def _launch(self, job: JobRow, plan: Plan, budget: Budget) -> AttemptRow:
         attempt = self.store.add_attempt(job.name, run=job.run, provider=plan.provider, hourly_usd=plan.hourly_usd,
@@ -168,19 +221,26 @@ class Controller:
             # run must not write into the real job's bucket.
             env["OPTJOB_STORAGE"] = spec.storage.artifacts
         left = seconds_left(budget, spent=self.store.spend(job.name), elapsed_s=job_elapsed_s(self.store, job.name),
-                            usd_per_s=rate_usd_per_s(attempt), margin_s=STOP_MARGIN_S.get(plan.provider, 60.0))
+                            usd_per_s=rate_usd_per_s(attempt), margin_s=teardown_margin_s(plan.provider))
         if left is not None:
             env["OPTJOB_DEADLINE"] = f"{self.clock.time() + max(0.0, left):.3f}"  # wall: the node compares
         self.store.update_job(job.name, status=JobStatus.LAUNCHING)
         self.reporter.status(f"launching attempt {attempt.number} on {plan.provider}")
-        try:
-            handle = self.provider.launch(LaunchRequest(spec=spec, job_dir=Path(job.job_dir),
-                                                        attempt=attempt.number, env=env))
-        except ProviderError as exc:  # the contract: nothing was left running
-            self.store.update_attempt(attempt.id, status=AttemptState.FAILED, detail=exc.message[:2000],
-                                      ended_at=self.clock.time(), released=1)
-            finalize(self.store, self.provider, job, JobStatus.FAILED, Reason.FAILED, str(exc)[:2000])
-            raise
+        request = LaunchRequest(spec=spec, job_dir=Path(job.job_dir), attempt=attempt.number, env=env)
+        tries = 0
+        while True:
+            try:
+                handle = self.provider.launch(request)
+                break
+            except TransientProviderError as exc:  # launch is idempotent per attempt: again adopts what was sent
+                tries += 1
+                self.reporter.status(f"launching attempt {attempt.number}: {exc.message}; trying again")
+                self.clock.sleep(self._backoff(tries))
+            except ProviderError as exc:  # the contract: nothing was left running
+                self.store.update_attempt(attempt.id, status=AttemptState.FAILED, detail=exc.message[:2000],
+                                          ended_at=self.clock.time(), released=1)
+                finalize(self.store, self.provider, job, JobStatus.FAILED, Reason.FAILED, str(exc)[:2000])
+                raise
         self.store.update_attempt(attempt.id, handle=handle.to_json(), status=AttemptState.RUNNING)
         attempt.handle_json = json.dumps(handle.to_json())
         self.store.update_job(job.name, status=JobStatus.RUNNING)
@@ -190,10 +250,36 @@ class Controller:
             self.rehearsal.on_launch()
         return attempt
 
+    def _backoff(self, tries: int) -> float:
+        return min(UNKNOWN_MAX_WAIT_S, self.tick_s * 2 ** min(tries, 16))
+
+    def _outcome_of(self, job: JobRow, attempt: AttemptRow, poll: Poll, unsure: int) -> Poll | None:
+        """Gone is not "not finished": before any relaunch (``PREEMPTED``, ``LOST``), and every
+        ``SETTLE_EVERY`` ticks the provider cannot say (``UNKNOWN``), look for a durable record that the
+        work finished. Its terminal poll (written on the attempt), or None. Raises ``Unsettled`` when a
+        record may exist but cannot be read now: then wait, never relaunch."""
+        due = poll.state in (AttemptState.PREEMPTED, AttemptState.LOST) or (
+            poll.state is AttemptState.UNKNOWN and (unsure + 1) % SETTLE_EVERY == 0)
+        if not due:
+            return None
+        try:
+            done = settle(self.store, self.provider, job, attempt)
+        except (Unsettled, TransientProviderError) as exc:
+            self._unreadable += 1
+            if self._unreadable < UNREADABLE_GIVE_UP:
+                raise Unsettled(exc.message) from exc
+            self.reporter.status(f"attempt {attempt.number}: {exc.message}; going on without that record")
+            done = None
+        self._unreadable = 0
+        if done is not None:
+            record_settled(self.store, attempt, done)
+            self.reporter.status(f"attempt {attempt.number} {done.state.value}: {done.detail}")
+        return done
+
     def _run(self, job: JobRow, plan: Plan, *, detach: bool) -> Outcome:
         budget = Budget(plan.budget.max_usd, plan.budget.max_hours)
-        margin = STOP_MARGIN_S.get(plan.provider, 60.0)
         stop_reason: Reason | None = None
+        checkpoint_s = checkpoint_seconds(self.store, job)  # measured by earlier attempts, if any
         try:
             spent, elapsed = self.store.spend(job.name), job_elapsed_s(self.store, job.name)
             if why := over_budget(budget, spent=spent, elapsed_s=elapsed, usd_per_s=0.0, margin_s=0.0):
@@ -204,38 +290,73 @@ class Controller:
                 self.store.update_job(job.name, owner_pid=None)
                 return self._outcome(self.store.job(job.name) or job)
             recoveries = 0
+            unsure = 0  # ticks in a row the provider could not say (UNKNOWN, or a transient error)
             while True:
                 handle = Handle.from_json(attempt.handle or {})
-                obs = observe(self.store, self.provider, job, attempt)
-                for event in obs.events:
-                    self.reporter.event(event)
+                try:
+                    obs = observe(self.store, self.provider, job, attempt)
+                    for event in obs.events:
+                        self.reporter.event(event)
+                    done = self._outcome_of(job, attempt, obs.poll, unsure)
+                except (TransientProviderError, Unsettled) as exc:  # never the end of the manager: look again
+                    unsure += 1
+                    self.reporter.status(f"attempt {attempt.number}: {exc.message}; asking again")
+                    self.clock.sleep(self._backoff(unsure))
+                    continue
+                if done is not None:  # it finished while the provider could not see it
+                    status, reason = stopped_status(self.store.job(job.name) or job, done)
+                    return self._finish(job, status, reason, plan)
+                if obs.poll.state is AttemptState.UNKNOWN:
+                    unsure += 1
+                    if unsure == 1:
+                        self.reporter.status(
+                            f"attempt {attempt.number}: state unknown ({obs.poll.detail}); asking again")
+                else:
+                    unsure = 0
                 if self.rehearsal and not obs.poll.state.is_terminal() and self.rehearsal.observe(obs.events):
                     self._rehearse_kill(attempt, plan)
                     continue
                 if obs.poll.state.is_terminal():
+                    # A rehearsal's own kill is no flapping provider: not counted, no backoff.
+                    rehearsed = self.rehearsal is not None and self.rehearsal.killed(attempt.number)
                     if obs.poll.state in (AttemptState.PREEMPTED, AttemptState.LOST) and stop_reason is None \
-                            and recoveries < MAX_RECOVERIES:
-                        recoveries += 1
+                            and (rehearsed or recoveries < MAX_RECOVERIES):
+                        if not rehearsed and (why := self._too_poor_to_resume(job, attempt, budget)):
+                            self.store.update_job(job.name, message=why)
+                            return self._finish(job, JobStatus.STOPPED, Reason.BUDGET, plan)
                         self.store.update_job(job.name, status=JobStatus.RECOVERING)
-                        self.clock.sleep(min(60.0, self.tick_s * 2**recoveries))  # back off a provider that flaps
+                        if not rehearsed:
+                            recoveries += 1
+                            self.clock.sleep(min(60.0, self.tick_s * 2**recoveries))  # back off a provider that flaps
                         self.reporter.status(
                             f"attempt {attempt.number} {obs.poll.state.value}; resuming from checkpoint")
                         attempt = self._launch(job, plan, budget)
                         continue
-                    status, reason = final_status(obs.poll)
-                    if stop_reason is not None and status != JobStatus.SUCCEEDED:
-                        status, reason = JobStatus.STOPPED, stop_reason
+                    status, reason = stopped_status(self.store.job(job.name) or job, obs.poll)
                     return self._finish(job, status, reason, plan)
-                if stop_reason is None and (why := over_budget(
-                        budget, spent=obs.spent, elapsed_s=job_elapsed_s(self.store, job.name),
-                        usd_per_s=rate_usd_per_s(attempt), margin_s=margin)):
-                    stop_reason = Reason.BUDGET
-                    self.reporter.status(f"budget: {why}; checkpointing and stopping")
-                    self.store.update_job(job.name, status=JobStatus.STOPPING, message=why)
-                    self.provider.stop(handle)
-                self.provider.wait(handle, self.tick_s)
+                checkpoint_s = max_seconds(checkpoint_s, slowest_checkpoint_s(obs.events))
+                if done := enforce_stop(self.store, self.provider, job, obs, checkpoint_s):
+                    stop_reason = stop_reason or Reason.BUDGET
+                    self.reporter.status(done)
+                    continue  # look again at once: a killed attempt has ended
+                self.provider.wait(handle, self._backoff(unsure) if unsure else self.tick_s)
         except KeyboardInterrupt:
             return self._interrupt(job)
+
+    def _too_poor_to_resume(self, job: JobRow, attempt: AttemptRow, budget: Budget) -> str | None:
+        """Why relaunching after a preemption would only spend money: the budget left does not cover
+        one checkpoint interval (measured) beyond the stop margin, so the next attempt could not save
+        any new progress. None when it does, or when no interval was measured yet."""
+        interval = checkpoint_interval_s([e for _, e in self.store.events(job.name, kinds=("checkpoint",))])
+        if interval is None:
+            return None
+        left = seconds_left(budget, spent=self.store.spend(job.name), elapsed_s=job_elapsed_s(self.store, job.name),
+                            usd_per_s=rate_usd_per_s(attempt),
+                            margin_s=stop_margin_s(self.provider.name, checkpoint_seconds(self.store, job)))
+        if left is None or left >= interval:
+            return None
+        return (f"not resuming after the preemption: the budget left covers {max(0.0, left):.0f}s of work, less "
+                f"than one checkpoint interval ({interval:.0f}s), so nothing new could be saved")
 
     def _rehearse_kill(self, attempt: AttemptRow, plan: Plan) -> None:
         assert self.rehearsal is not None
@@ -257,14 +378,15 @@ class Controller:
 
     def _interrupt(self, job: JobRow) -> Outcome:
         self.reporter.status("interrupted: checkpointing and stopping (Ctrl-C again to kill)")
-        self.store.update_job(job.name, status=JobStatus.STOPPING, message="interrupted")
         attempts = self.store.attempts(job.name, run=job.run)
-        if attempts and attempts[-1].handle:
+        if not (attempts and attempts[-1].handle):
+            self.store.update_job(job.name, status=JobStatus.STOPPING, message="interrupted")
+        else:
             attempt = attempts[-1]
             handle = Handle.from_json(attempt.handle or {})
-            self.provider.stop(handle)
-            try:
-                deadline = self.clock.monotonic() + 120
+            request_stop(self.store, self.provider, job, handle, Reason.CANCELLED, "interrupted")
+            try:  # then the finalizer's teardown kills whatever did not stop within the grace
+                deadline = self.clock.monotonic() + grace_s(checkpoint_seconds(self.store, job))
                 while self.clock.monotonic() < deadline:
                     if observe(self.store, self.provider, job, attempt).poll.state.is_terminal():
                         break
@@ -274,7 +396,7 @@ class Controller:
         return self._finish(job, JobStatus.STOPPED, Reason.CANCELLED)
 
     def _finish(self, job: JobRow, status: JobStatus, reason: Reason, plan: Plan | None = None) -> Outcome:
-        self.reporter.status(f"finishing: {status.value} ({reason.value}); teardown per policy")
+        self.reporter.status(f"finishing: {job_status_text(status.value, reason.value)}; teardown per policy")
         finalize(self.store, self.provider, job, status, reason)
         if plan is not None and status == JobStatus.SUCCEEDED:
             record_calibration(self.store, job.name, plan)

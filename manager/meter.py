@@ -12,8 +12,39 @@ from dataclasses import dataclass
 
 from .store import AttemptRow, Store
 
-#: Seconds a graceful stop plus teardown is expected to take, by provider.
-STOP_MARGIN_S = {"local": 3.0, "skypilot": 180.0}
+#: Seconds between "the workload must be gone" and the provider confirming it is (exit, teardown,
+#: one manager tick), by provider: the workload's own deadline is this far before the cap, and the
+#: manager kills at the latest this far before it. Local: the process group dies and billing ends at
+#: the exit file's time. SkyPilot: cancel, termination and its confirmation.
+STOP_MARGIN_S = {"local": 1.0, "skypilot": 180.0}
+#: A checkpoint's write time before one has been measured (the workload reports each one's).
+DEFAULT_CHECKPOINT_S = 2.0
+#: Bounds of the grace a workload gets between SIGTERM and SIGKILL.
+MIN_GRACE_S, MAX_GRACE_S = 2.0, 600.0
+
+
+def teardown_margin_s(provider: str) -> float:
+    return STOP_MARGIN_S.get(provider, 60.0)
+
+
+def stop_margin_s(provider: str, checkpoint_s: float | None) -> float:
+    """How long before the cap a stop must be asked for: one checkpoint write, then teardown."""
+    return teardown_margin_s(provider) + (DEFAULT_CHECKPOINT_S if checkpoint_s is None else checkpoint_s)
+
+
+def grace_s(checkpoint_s: float | None) -> float:
+    """How long a workload asked to stop may take before it is killed: three of its checkpoint
+    writes (measured), within [MIN_GRACE_S, MAX_GRACE_S]. The money cap bounds it further: a kill
+    comes at the latest ``teardown_margin_s`` before the cap, whatever the grace."""
+    measured = DEFAULT_CHECKPOINT_S if checkpoint_s is None else checkpoint_s
+    return min(MAX_GRACE_S, max(MIN_GRACE_S, 3.0 * measured))
+
+
+def slowest_checkpoint_s(events: list[dict[str, object]]) -> float | None:
+    """The longest checkpoint write among ``events`` (``checkpoint`` events carry ``seconds``)."""
+    times = [float(e["seconds"]) for e in events  # type: ignore[arg-type]
+             if e.get("event") == "checkpoint" and isinstance(e.get("seconds"), (int, float))]
+    return max(times) if times else None
 
 
 @dataclass(frozen=True)
@@ -57,3 +88,16 @@ def over_budget(budget: Budget, *, spent: float, elapsed_s: float, usd_per_s: fl
     if budget.max_hours is not None and elapsed_s + margin_s >= budget.max_hours * 3600.0:
         return f"wall time {elapsed_s / 3600:.3f} h is at the {budget.max_hours:g} h cap"
     return None
+
+
+def checkpoint_interval_s(events: list[dict[str, object]]) -> float | None:
+    """The median time between two checkpoints of one step (None before two were written)."""
+    import itertools
+    import statistics
+
+    by_step: dict[object, list[float]] = {}
+    for e in events:
+        if e.get("event") == "checkpoint" and isinstance(e.get("ts"), (int, float)):
+            by_step.setdefault(e.get("index"), []).append(float(e["ts"]))  # type: ignore[arg-type]
+    gaps = [b - a for times in by_step.values() for a, b in itertools.pairwise(times) if b > a]
+    return statistics.median(gaps) if gaps else None

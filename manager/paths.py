@@ -22,5 +22,11 @@ def job_dir(name: str) -> Path:
     return jobs_dir() / name
 
 
+def dry_run_dir(name: str) -> Path:
+    """The folder of a dry run (``apply --dry-run``): a root of its own, so a rehearsal never
+    writes into a real job's folder, whatever the names."""
+    return home() / "dry-runs" / name
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("OPTJOB_CACHE") or home() / "cache").expanduser()

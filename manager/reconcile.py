@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from optjob.providers.base import AttemptState, Handle, Poll, Provider
@@ -18,9 +19,22 @@ from optjob.providers.local import pid_alive
 from optjob.steps.events import parse_event
 from optjob.steps.exit_codes import EXIT_DEADLINE
 
-from .job_states import JobStatus, Reason
-from .meter import meter
+from .job_states import STOP_REQUESTED, JobStatus, Reason
+from .meter import (
+    Budget,
+    grace_s,
+    meter,
+    over_budget,
+    rate_usd_per_s,
+    slowest_checkpoint_s,
+    stop_margin_s,
+    teardown_margin_s,
+)
+from .outcome import Unsettled, record_settled, settle
 from .store import AttemptRow, JobRow, Store
+
+#: How long ``status`` waits for an attempt it just killed (or asked to stop) to end.
+KILL_WAIT_S = 5.0
 
 
 @dataclass
@@ -78,15 +92,87 @@ def observe(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow) 
         attempt.status, attempt.exit_code, attempt.ended_at = poll.state.value, poll.exit_code, ended
     elif not poll.state.is_terminal() and attempt.status != poll.state.value:
         store.update_attempt(attempt.id, status=poll.state)
+        _show_unknown(store, job, poll, was=attempt.status)
         attempt.status = poll.state.value
     spent = meter(store, attempt, until=attempt.ended_at if attempt.released or _billed_to_end(provider, attempt)
                   else None)
     return Observation(attempt, poll, events, spent)
 
 
+def _show_unknown(store: Store, job: JobRow, poll: Poll, *, was: str) -> None:
+    """The job reads ``unknown`` while the provider cannot say what its attempt does (``status`` shows
+    it), and ``running`` again once it can; a job stopping stays ``stopping``."""
+    current = store.job(job.name)
+    if current is None:
+        return
+    if poll.state is AttemptState.UNKNOWN and current.status in (JobStatus.RUNNING, JobStatus.LAUNCHING):
+        store.update_job(job.name, status=JobStatus.UNKNOWN, message=f"{poll.detail} (asking again)"[:2000])
+    elif was == AttemptState.UNKNOWN.value and current.status is JobStatus.UNKNOWN:
+        store.update_job(job.name, status=JobStatus.RUNNING, message=None)
+
+
 def _billed_to_end(provider: Provider, attempt: AttemptRow) -> bool:
     """The attempt has ended and its provider charges nothing after that (local): spend stops there."""
     return attempt.ended_at is not None and not provider.bills_until_teardown
+
+
+def budget_of(job: JobRow) -> Budget:
+    """The caps the job was applied with (from its stored plan)."""
+    b = job.plan.get("budget") or {}
+    return Budget(b.get("max_usd"), b.get("max_hours"))
+
+
+def checkpoint_seconds(store: Store, job: JobRow) -> float | None:
+    """The slowest checkpoint write this job's workload has reported (None before the first)."""
+    return slowest_checkpoint_s([e for _, e in store.events(job.name, kinds=("checkpoint",))])
+
+
+def request_stop(store: Store, provider: Provider, job: JobRow, handle: Handle, reason: Reason, why: str) -> None:
+    """Ask the workload to checkpoint and stop, and write down when and why: whoever looks next
+    (this manager, a second one, ``status``, ``list``) escalates from there."""
+    store.update_job(job.name, status=JobStatus.STOPPING, reason=reason, message=why,
+                     stop_requested_at=store.clock.time())
+    # The manager's own record of why this attempt was asked to stop (the report's "cancelled" or
+    # "stopped at the budget cap", for this run and every later one).
+    store.add_events(job.name, handle.attempt, [{"event": STOP_REQUESTED, "ts": store.clock.time(),
+                                                 "attempt": handle.attempt, "reason": reason.value, "why": why}])
+    provider.stop(handle)
+
+
+def enforce_stop(store: Store, provider: Provider, job: JobRow, obs: Observation,
+                 checkpoint_s: float | None = None) -> str | None:
+    """Make the budget cap hold whoever is looking, level-based: a job past its stop point is asked
+    to stop; one asked to stop that still runs once its grace has passed (SIGTERM ignored, a phase
+    that never checks the flag), or whose money is at hand, is killed. Returns what was done.
+
+    The stop point leaves one checkpoint write plus the teardown margin before the cap; the kill
+    comes at the latest the teardown margin before it."""
+    if obs.poll.state.is_terminal() or not obs.attempt.handle:
+        return None
+    current = store.job(job.name) or job
+    handle = Handle.from_json(obs.attempt.handle)
+    budget, rate = budget_of(current), rate_usd_per_s(obs.attempt)
+    elapsed = store.elapsed_seconds(job.name)
+    if checkpoint_s is None:
+        checkpoint_s = checkpoint_seconds(store, current)
+    if current.stop_requested_at is None:
+        why = over_budget(budget, spent=obs.spent, elapsed_s=elapsed, usd_per_s=rate,
+                          margin_s=stop_margin_s(provider.name, checkpoint_s))
+        if why is None:
+            return None
+        request_stop(store, provider, current, handle, Reason.BUDGET, why)
+        return f"budget: {why}; checkpointing and stopping"
+    at_cap = over_budget(budget, spent=obs.spent, elapsed_s=elapsed, usd_per_s=rate,
+                         margin_s=teardown_margin_s(provider.name))
+    grace = grace_s(checkpoint_s)
+    waited = store.clock.time() - current.stop_requested_at
+    if at_cap is None and waited < grace:
+        return None
+    provider.kill(handle)
+    why = (f"{at_cap}: killed" if at_cap is not None
+           else f"still running {waited:.0f}s after the stop request (grace {grace:.0f}s): killed")
+    store.update_job(job.name, message=why)
+    return why
 
 
 def release(store: Store, provider: Provider, attempt: AttemptRow) -> None:
@@ -95,6 +181,12 @@ def release(store: Store, provider: Provider, attempt: AttemptRow) -> None:
     One call: retrying is the provider's, at its own boundary and within its own budget (see
     ``Provider.teardown``). A ``TeardownError`` leaves the attempt unreleased and billed, for the
     next ``status``, ``down`` or ``apply`` to try again."""
+    if not attempt.released and not attempt.handle and attempt.ended_at is None \
+            and (job := store.job(attempt.job_name)) is not None \
+            and (adopted := provider.adopt(Path(job.job_dir), attempt.number)) is not None:
+        # The manager died inside launch (``down`` before any ``status``): release what it started.
+        store.update_attempt(attempt.id, handle=adopted.to_json())
+        attempt.handle_json = json.dumps(adopted.to_json())
     if attempt.released or not attempt.handle:
         return
     provider.teardown(Handle.from_json(attempt.handle))
@@ -142,17 +234,28 @@ def owner_alive(job: JobRow) -> bool:
     return bool(job.owner_pid) and pid_alive(job.owner_pid)  # type: ignore[arg-type]
 
 
-def reconcile_orphaned(store: Store, provider: Provider, job: JobRow) -> JobRow:
+def reconcile_orphaned(store: Store, provider: Provider, job: JobRow, *, thorough: bool = False) -> JobRow:
     """For a job nobody manages (manager killed, or --detach): catch up with the truth.
 
-    Ingests events, and when the last attempt has ended, finalizes the job."""
+    Ingests events, and when the last attempt has ended, finalizes the job — as the durable record
+    says when there is one (``outcome.settle``: a job that finished while nobody looked is finished,
+    not lost). ``thorough``: also ask the provider's own record when it cannot say now (slow: SkyPilot
+    restarts its jobs controller), as a manager following the job does; a plain ``status`` does not."""
     if job.status.is_terminal() or owner_alive(job):
         return job
     attempts = store.attempts(job.name, run=job.run)
     if not attempts:
+        if store.restore_previous_run(job.name):  # nothing ran: a finished job keeps its last run's record
+            return store.job(job.name) or job
         finalize(store, provider, job, JobStatus.FAILED, Reason.FAILED, "the manager stopped before launching")
         return store.job(job.name) or job
-    if not attempts[-1].handle:  # the manager died inside launch: whatever it made is unknown
+    if not attempts[-1].handle:  # the manager died inside launch: adopt what it submitted, if anything
+        adopted = provider.adopt(Path(job.job_dir), attempts[-1].number)
+        if adopted is not None:
+            store.update_attempt(attempts[-1].id, handle=adopted.to_json(), status=AttemptState.RUNNING)
+            store.update_job(job.name, status=JobStatus.RUNNING)  # as the launch would have (poll corrects it)
+            attempts = store.attempts(job.name, run=job.run)
+    if not attempts[-1].handle:  # nothing came of it
         last = attempts[-1]
         store.update_attempt(last.id, status=AttemptState.LOST, ended_at=last.ended_at or store.clock.time(),
                              detail="the manager stopped while launching this attempt")
@@ -160,8 +263,29 @@ def reconcile_orphaned(store: Store, provider: Provider, job: JobRow) -> JobRow:
                  "the manager stopped while launching; `optjob list` flags anything left behind")
         return store.job(job.name) or job
     obs = observe(store, provider, job, attempts[-1])
+    if enforce_stop(store, provider, job, obs):  # asked to stop, or killed: look again once it had a moment
+        provider.wait(Handle.from_json(attempts[-1].handle), KILL_WAIT_S)
+        obs = observe(store, provider, job, attempts[-1])
+    if obs.poll.state in (AttemptState.PREEMPTED, AttemptState.LOST, AttemptState.UNKNOWN):
+        try:
+            done = settle(store, provider, job, obs.attempt,
+                          ask_provider=thorough or obs.poll.state is not AttemptState.UNKNOWN)
+        except Unsettled:
+            return store.job(job.name) or job  # a record may say it finished: decide when it can be read
+        if done is not None:
+            record_settled(store, obs.attempt, done)
+            obs.poll = done
     if obs.poll.state.is_terminal():
-        status, reason = final_status(obs.poll)
+        status, reason = stopped_status(store.job(job.name) or job, obs.poll)
         finalize(store, provider, job, status, reason,
                  "resume with `optjob apply` again" if reason == Reason.PREEMPTED else None)
     return store.job(job.name) or job
+
+
+def stopped_status(job: JobRow, poll: Poll) -> tuple[JobStatus, Reason]:
+    """``final_status``, except that a job asked to stop ends stopped for the reason it was asked
+    (budget, cancel), however its workload ended (a kill reads as preempted or lost)."""
+    status, reason = final_status(poll)
+    if job.stop_requested_at is not None and status != JobStatus.SUCCEEDED:
+        return JobStatus.STOPPED, job.reason or Reason.CANCELLED
+    return status, reason

@@ -4,6 +4,11 @@ spot reclaim would (SIGKILL), and let the controller relaunch it exactly as the 
 A kill point is "after the k-th progress event of the attempt" with k drawn from a seeded
 RNG, so a rehearsal is reproducible. Each kill records the work it lost: the optimizer steps
 done since the last checkpoint of the step that was running.
+
+A rehearsal's kills are its own, not a provider's failures: the controller neither counts them
+against its recovery limit (``MAX_RECOVERIES``) nor backs off before relaunching after one, so
+``--simulate-preemption N`` means N kills, whatever N. A pipeline that ends before the next kill
+point gets fewer; ``shortfall`` says so.
 """
 
 from __future__ import annotations
@@ -59,6 +64,18 @@ class Rehearsal:
                 self._seen += 1
                 self._last = e
         return self._target is not None and self._seen >= self._target
+
+    def killed(self, attempt: int) -> bool:
+        """Whether attempt ``attempt`` ended by one of this rehearsal's kills."""
+        return any(k.attempt == attempt for k in self.done)
+
+    def shortfall(self) -> str | None:
+        """A sentence when fewer kills happened than were asked for, else None."""
+        if len(self.done) >= self.kills:
+            return None
+        return (f"only {len(self.done)} of the {self.kills} kills asked for happened: the pipeline ended before "
+                f"the next kill point (a kill comes after 1 to {self.max_events} progress events of an attempt); "
+                "rehearse a longer pipeline, or ask for fewer kills")
 
     def record(self, attempt: int, checkpoint_every: dict[int, int]) -> Kill:
         index = self._last.get("index")

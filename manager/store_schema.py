@@ -87,6 +87,16 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX IF NOT EXISTS attempts_by_job_run ON attempts (job_name, run, number);
     """,
+    # 2 -> 3: when a stop was first asked for (monotonic deadlines cannot survive a restart, so wall
+    # time): whoever looks next escalates to a kill once the grace has passed.
+    """
+    ALTER TABLE jobs ADD COLUMN stop_requested_at REAL;
+    """,
+    # 3 -> 4: the finished run's record while a new run is claimed but not yet launched, so a run
+    # that fails before its first attempt leaves the job as it was (Store.restore_previous_run).
+    """
+    ALTER TABLE jobs ADD COLUMN previous_json TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import traceback
-from pathlib import Path
 
 
 def _main() -> int:
@@ -20,24 +16,10 @@ def _main() -> int:
             "error", message=f"the workload cannot start: {exc}", error_type=type(exc).__name__
         )
         return 1
-    return main()
-
-
-def _record(code: int) -> int:
-    """Each node's local rank 0 leaves its exit status in ``JOB_DIR/exit-code``: torchrun
-    reports 1 for any failing worker, which would hide a graceful stop (4 or 143) from the
-    cloud run script (providers/sky_task.py)."""
-    args = sys.argv[1:]
-    if len(args) == 2 and args[0] == "run" and os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
-        with contextlib.suppress(OSError):
-            path = Path(args[1]) / "exit-code"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(f"{code}\n")
-            os.replace(tmp, path)
-    return code
+    return main(hard_deadline=True)  # this process is the workload: its deadline is a hard one
 
 
 if __name__ == "__main__":
-    from optjob.steps.shutdown import exit_now
+    from optjob.steps.shutdown import exit_now, record_exit
 
-    exit_now(_record(_main()))
+    exit_now(record_exit(_main()))

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -23,8 +24,13 @@ if TYPE_CHECKING:
 
     from .data import Corpus
 
-#: Seconds kept in hand before the deadline (OPTJOB_DEADLINE_MARGIN overrides).
-DEFAULT_MARGIN_S = 20.0
+#: Seconds kept in hand before the deadline besides twice the slowest step or checkpoint seen
+#: (OPTJOB_DEADLINE_MARGIN overrides): the stopped event and the exit. Small, so a stop spends the
+#: budget; the manager's deadline already leaves its teardown margin before the cap.
+DEFAULT_MARGIN_S = 0.5
+#: Steps whose slowest sizes the room kept for the step under way (the first, warm-up, step counts
+#: only until a second is seen).
+RECENT_STEPS = 20
 #: A second stop signal this soon after the first is a duplicate delivery, not "stop now".
 DUPLICATE_SIGNAL_S = 1.0
 
@@ -47,31 +53,41 @@ class StopRequested(BaseException):
 class StopFlag:
     """Set by SIGTERM/SIGINT, or tripped by the budget deadline (unix seconds).
 
-    The deadline trips ``margin`` seconds early, and earlier still when single steps
-    (reported through ``observe``) are slow, so a checkpoint fits before the deadline."""
+    The deadline trips early enough for what still has to happen before it: the step under way
+    and a checkpoint (the slowest of each seen, reported through ``observe``), plus ``margin``."""
 
     def __init__(self, deadline: float | None = None, margin: float | None = None) -> None:
         self.deadline = deadline
         if margin is None:
             margin = float(os.environ.get("OPTJOB_DEADLINE_MARGIN", DEFAULT_MARGIN_S))
         self.margin = margin
-        self.slowest = 0.0
+        self.slowest = 0.0  # the slowest recent unit of work (a step)
+        self.slowest_checkpoint = 0.0
+        self._steps: deque[float] = deque(maxlen=RECENT_STEPS)
+        self._first_step: float | None = None
         self.signalled = False
 
     def request(self) -> None:
         """Ask for a stop as a signal would."""
         self.signalled = True
 
-    def observe(self, seconds: float) -> None:
-        """Report how long one unit of work (an optimizer step, a checkpoint) took."""
-        self.slowest = max(self.slowest, seconds)
+    def observe(self, seconds: float, *, checkpoint: bool = False) -> None:
+        """Report how long one unit of work (an optimizer step) or a checkpoint write took."""
+        if checkpoint:
+            self.slowest_checkpoint = max(self.slowest_checkpoint, seconds)
+        elif self._first_step is None:  # the first step pays for warm-up (allocations, lazy init)
+            self._first_step = self.slowest = seconds
+        else:
+            self._steps.append(seconds)
+            self.slowest = max(self._steps)
 
     def reason(self) -> str | None:
         if self.signalled:
             return "signal"
         if (
             self.deadline is not None
-            and time.time() + self.margin + 2 * self.slowest >= self.deadline
+            # before a checkpoint was timed, one is assumed to take as long as a step
+            and time.time() + self.margin + self.slowest + (self.slowest_checkpoint or self.slowest) >= self.deadline
         ):
             return "deadline"
         return None

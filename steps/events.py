@@ -14,10 +14,12 @@ progress       index, kind, step, max_steps, loss, lr, tokens, tokens_per_s; hpo
                trial, step = trials finished of max_steps = trials, trial, state, loss (the
                trial's eval loss) and best (the best value so far) where there are numbers
 metrics        index, kind, metrics {eval_loss, perplexity, accuracy, ...}, step?
-checkpoint     index, kind, step, path (hpo: the study, saved after each trial; step as progress)
+checkpoint     index, kind, step, path, seconds (the write's duration; hpo: the study, saved after
+               each trial; step as progress)
 trial          index, number, params, value, state (hpo)
 step_done      index, kind, output (model dir), wall_s, metrics, skipped (bool)
-stopped        index, reason ("deadline" | "signal"), step
+stopped        index, reason ("deadline" | "signal" | "deadline-hard": the watchdog ended a phase
+               that did not stop in time), step
 job_done       results (path of results.json), wall_s
 error          message, error_type, index?
 ============== ==================================================================

@@ -27,10 +27,31 @@ from typing import Any
 
 JOB_FILE = "job.json"
 RESULTS_FILE = "results.json"
+#: A step is finished once this file is in its folder.
+DONE_FILE = "done.json"
+#: A checkpoint folder (``steps/NN-KIND/checkpoints/step-NNNNNN``) is complete once this is in it.
+CHECKPOINT_MANIFEST = "manifest.json"
 
 
 def step_dir(job_dir: Path, index: int, kind: str) -> Path:
     return job_dir / "steps" / f"{index:02d}-{kind}"
+
+
+def kept_progress(job_dir: Path) -> str | None:
+    """What a resumed run would keep, in words ("00-train done; checkpoint at step 40 of 01-prune"),
+    or None when nothing was saved yet. Only complete files count."""
+    steps = job_dir / "steps"
+    if not steps.is_dir():
+        return None
+    done = sorted(d.name for d in steps.iterdir() if (d / DONE_FILE).is_file())
+    parts = [f"{', '.join(done)} done"] if done else []
+    for folder in sorted(steps.iterdir()):
+        if folder.name in done:
+            continue
+        saved = sorted(c.name for c in (folder / "checkpoints").glob("step-*") if (c / CHECKPOINT_MANIFEST).is_file())
+        if saved:
+            parts.append(f"checkpoint at step {int(saved[-1].split('-')[1])} of {folder.name}")
+    return "; ".join(parts) or None
 
 
 def log_path(job_dir: Path, attempt: int) -> Path:

@@ -21,10 +21,10 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from .layout import sha256_file
+from .layout import CHECKPOINT_MANIFEST, sha256_file
 
 #: A checkpoint's manifest (``steps.checkpoint``).
-MANIFEST = "manifest.json"
+MANIFEST = CHECKPOINT_MANIFEST
 META = "meta.json"
 _CKPT_NAME = re.compile(r"^step-(\d{6,})$")
 

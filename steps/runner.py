@@ -32,7 +32,7 @@ from optjob.specs import EvaluateStep, JobSpec
 from optjob.specs.errors import StepError
 from torch import nn
 
-from . import dist, layout, records
+from . import dist, layout, records, watchdog
 from .context import StepContext, StepOutcome, StopFlag, StopRequested, finite
 from .data import build_corpus, load_text
 from .device import pick_device, set_threads
@@ -167,7 +167,7 @@ class Job:
             model = outcome.model
             if not isinstance(step, EvaluateStep) and dist.is_main():
                 model_dir = save_model(model, ctx.step_dir() / "model", self.tokenizer)
-            wall_s = round(time.perf_counter() - t, 3)
+            step_s = time.perf_counter() - t
             metrics = dict(outcome.metrics)
             measure = self.job.extra.get("evaluate_each_step", True)
             if measure and step.kind not in ("evaluate", "hpo") and dist.is_main():
@@ -175,6 +175,10 @@ class Job:
                 # side by side; the step's own figures (sparsity, sizes before/after) take precedence.
                 self.stop.check()
                 metrics = {**evaluate_model(ctx, model, self.auto_eval, model_dir), **metrics}
+                metrics["eval_s"] = round(time.perf_counter() - t - step_s, 3)
+            metrics["step_s"] = round(step_s, 3)
+            # What the step cost in time: its own work and the evaluation of its output, both.
+            wall_s = round(time.perf_counter() - t, 3)
             record = {
                 "index": i,
                 "kind": step.kind,
@@ -351,7 +355,7 @@ class Job:
             layout.write_json_atomic(self.results_path, finite(results))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, hard_deadline: bool = False) -> int:
     args = sys.argv[1:] if argv is None else argv
     emitter = dist.emitter()  # rank 0 reports; other ranks only their errors
     if len(args) != 2 or args[0] != "run":
@@ -375,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag(deadline)
     stop.install()
     runner = Job(job_dir, job, spec, attempt, stop, emitter)
+    # The workload process (``python -m optjob.steps``) ends itself at the deadline whatever it is doing;
+    # an in-process call (tests, tools) keeps its host alive.
+    dog = watchdog.arm(deadline, lambda: emitter.emit("stopped", index=runner.index, reason="deadline-hard",
+                                                      step=None)) if hard_deadline else None
     try:
         runner.sync = from_env(job_dir)
         if runner.sync is not None:
@@ -395,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_FAILED  # no dist.teardown: the other ranks may be stuck in a collective
     finally:
+        if dog is not None:
+            dog.disarm()
         if runner.sync is not None:
             runner.sync.close()
     dist.teardown()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from optjob.providers.local import group_alive
+from optjob.providers.local import group_alive, proc_stat
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "driver.py"
@@ -93,4 +93,14 @@ def log_events(path: Path) -> list[dict[str, object]]:
     return [e for line in lines if line.endswith("\n") and (e := parse_event(line)) is not None]
 
 
-pgid_alive = group_alive  # the provider's own check, under the name these tests use
+def pgid_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs. A zombie does not: once the manager that
+    started a wrapper shell is gone, the shell's exit is reaped by init, whenever init gets to it."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return group_alive(pgid)
+    for entry in proc.iterdir():
+        stat = proc_stat(int(entry.name)) if entry.name.isdigit() else None
+        if stat is not None and stat[1] == pgid and stat[0] != "Z":
+            return True
+    return False

@@ -73,8 +73,8 @@ def test_sigkilled_manager_status_reconciles_the_truth(tmp_path: Path, standin_c
 
 def test_sigkilled_manager_workload_keeps_its_budget_deadline(tmp_path: Path, standin_cli: Cli, home: Path,
                                                              reap: list):
-    # $1/s and a $8 cap: the workload gets OPTJOB_DEADLINE = launch + 8 s - the 3 s stop margin.
-    spec = spec_file(tmp_path, resources="{cloud: local, hourly_usd: 3600}", extra="budget: {max_usd: 8}\n",
+    # $1/s and a $16 cap: the workload gets OPTJOB_DEADLINE = launch + 16 s - the 1 s teardown margin.
+    spec = spec_file(tmp_path, resources="{cloud: local, hourly_usd: 3600}", extra="budget: {max_usd: 16}\n",
                      train="{max_steps: 1}")  # planned at well under the cap
     pgid = start_then_kill_manager(standin_cli, spec, home, reap, STANDIN_STEPS="100000")
     wait_for(exit_file(home).exists, timeout=60, what="the workload to stop at its deadline")
