@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator
+from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator, model_validator
 
 from .base import StrictModel
 from .shorthand import parse_accelerators, parse_hours, parse_size_gb, parse_usd
@@ -58,6 +58,9 @@ class ResourcesSpec(StrictModel):
     """Skip offers that cost more than this per hour (all nodes)."""
     autostop_minutes: int = Field(10, ge=1, le=10080)
     """Node-side guard: a cluster idle this long tears itself down."""
+    image: str | None = Field(None, min_length=1, max_length=512, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+    """A prebuilt container image with optjob[workload] installed (docker image name): the node's
+    setup is skipped and the workload runs with the image's python3."""
 
     @field_validator("accelerators")
     @classmethod
@@ -88,15 +91,45 @@ class ResourcesSpec(StrictModel):
 
 
 class BudgetSpec(StrictModel):
+    """``{max_usd, max_hours}``, or one shorthand: ``budget: "$25"`` (or a number: dollars), ``"4h"``."""
+
     max_usd: Usd | None = None
     """Hard cap on spend across every attempt of this job, e.g. '$25'."""
     max_hours: Hours | None = None
     """Hard cap on wall time across attempts, e.g. '4h'."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)):
+            return {"max_usd": value}
+        if isinstance(value, str):
+            text = value.strip().lower()
+            return {"max_hours": value} if text[-1:] in ("h", "m", "s") else {"max_usd": value}
+        return value
+
+
+#: Bucket URL schemes and the clouds they belong to (the node reaches them with that cloud's SDK).
+STORAGE_SCHEMES = {"s3": "aws", "gs": "gcp", "az": "azure"}
+#: Bucket names: S3 / GCS (3-63 chars, dots allowed) and Azure containers (3-63, no dots) share this shape.
+_BUCKET_URL = re.compile(r"^(s3|gs|az)://[a-z0-9][a-z0-9._-]{1,61}[a-z0-9](/[^\s]*)?$")
+
+
+def storage_example(cloud: str) -> str:
+    """The bucket URL that fits ``cloud``: what a message asking for storage should name."""
+    by_cloud = {"aws": "s3://bucket/prefix", "gcp": "gs://bucket/prefix", "azure": "az://container/prefix"}
+    return by_cloud.get(cloud, "s3://bucket/prefix, gs://bucket/prefix or az://container/prefix")
+
 
 class StorageSpec(StrictModel):
     artifacts: str | None = Field(None, min_length=1, max_length=2048)
-    """s3://bucket/prefix or a local folder (default: the job's folder under OPTJOB_HOME)."""
+    """s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or a local folder (default: the job's
+    folder under OPTJOB_HOME)."""
+    endpoint_url: str | None = Field(None, min_length=1, max_length=512)
+    """The storage service's endpoint, for an S3-compatible store (R2, MinIO), an Azure account
+    (https://ACCOUNT.blob.core.windows.net) or an emulator; default: the cloud's own."""
 
     @field_validator("artifacts")
     @classmethod
@@ -105,13 +138,35 @@ class StorageSpec(StrictModel):
             return v
         if "\x00" in v:
             raise ValueError("contains a NUL byte")
-        if "://" in v and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$", v):
-            raise ValueError("only s3://bucket/prefix URLs (or a local folder) are supported")
+        if "://" in v and not _BUCKET_URL.match(v):
+            raise ValueError("only s3://bucket/prefix, gs://bucket/prefix, az://container/prefix URLs "
+                             "(or a local folder) are supported")
         return v
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", v):
+            raise ValueError(f"{v!r} is not an http(s):// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _endpoint_needs_bucket(self) -> StorageSpec:
+        if self.endpoint_url is not None and not self.is_remote:
+            raise ValueError("endpoint_url is for a bucket URL (s3://, gs://, az://) in artifacts")
+        return self
+
+    @property
+    def scheme(self) -> str | None:
+        """``s3``, ``gs`` or ``az`` for a bucket; None for a folder or no storage."""
+        if not self.artifacts or "://" not in self.artifacts:
+            return None
+        scheme = self.artifacts.split("://", 1)[0]
+        return scheme if scheme in STORAGE_SCHEMES else None
 
     @property
     def is_remote(self) -> bool:
-        return bool(self.artifacts and self.artifacts.startswith("s3://"))
+        return self.scheme is not None
 
 
 Teardown = Literal["always", "on_success", "never"]

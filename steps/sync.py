@@ -1,7 +1,7 @@
 """Keep a job folder and its artifact storage in step, so an attempt on a fresh node resumes.
 
-When ``OPTJOB_STORAGE`` (``s3://bucket/prefix``) is set on the node, the runner
-``pull``s before it starts — every finished step (``done.json`` + its model), the newest
+When ``OPTJOB_STORAGE`` (``s3://``, ``gs://``, ``az://bucket/prefix``, or a folder the node shares)
+is set on the node, the runner ``pull``s before it starts — every finished step (``done.json`` + its model), the newest
 complete checkpoint of the first unfinished step, ``results.json`` — and pushes as it
 goes: each checkpoint once it is in place (``checkpoint.on_checkpoint``), each finished
 step, and ``results.json``. The storage mirrors the job folder::
@@ -15,7 +15,7 @@ step, and ``results.json``. The storage mirrors the job folder::
 A push that fails mid-run is reported on stderr and tried again at the next one (uploads
 skip files already there); only the final push at the end of the job must succeed. Only
 rank 0 pushes. ``optjob pull NAME`` uses ``pull`` too. Stdlib only at import: the storage
-module (boto3) is imported when a storage is opened.
+package (and its backend's SDK) is imported when a storage is opened.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from optjob.steps.storage import Storage
 
 ENV = "OPTJOB_STORAGE"
+ENDPOINT_ENV = "OPTJOB_STORAGE_ENDPOINT"
 #: A step's resumable state besides checkpoints (hpo's study), mirrored whole as ``steps/NN-KIND/NAME``.
 STATE_FILES = ("study.db",)
 KEEP = 2  # checkpoints kept in storage per step, as on disk (steps.checkpoint.KEEP)
@@ -111,7 +112,7 @@ def rebase_output(output: Any, job_dir: Path) -> Any:
 
 
 class Sync:
-    """A job folder and its storage (``providers.storage.Storage``)."""
+    """A job folder and its storage (``steps.storage.Storage``)."""
 
     def __init__(self, storage: Storage, job_dir: Path) -> None:
         self.storage, self.job_dir = storage, Path(job_dir)
@@ -313,14 +314,20 @@ class Sync:
 
 
 def from_env(job_dir: Path) -> Sync | None:
-    """The sync the node's ``OPTJOB_STORAGE`` asks for, or None (unset, or not an s3:// URL:
-    a folder named by the manager's machine means nothing on a node)."""
+    """The sync the node's ``OPTJOB_STORAGE`` asks for, or None: unset, or a folder that does not exist
+    here (a folder named on the manager's machine means nothing on a node, unless a shared filesystem
+    mounts it at the same path). ``OPTJOB_STORAGE_ENDPOINT``: the storage service's endpoint (R2,
+    MinIO, an Azure account, an emulator)."""
     url = os.environ.get(ENV, "").strip()
     if not url:
         return None
-    if not url.startswith("s3://"):
-        _say(f"{ENV}={url} is not s3://bucket/prefix: checkpoints stay on this node")
-        return None
-    from optjob.steps.storage import S3Storage
+    from optjob.steps.storage import open_storage, scheme_of
 
-    return Sync(S3Storage(url), job_dir)
+    if scheme_of(url) is None:
+        if "://" in url or not Path(url).is_absolute() or not Path(url).is_dir():
+            _say(f"{ENV}={url} is not a bucket URL (s3://, gs://, az://) nor a folder on this node: "
+                 "checkpoints stay on this node")
+            return None
+        return Sync(open_storage(url), job_dir)
+    endpoint = os.environ.get(ENDPOINT_ENV, "").strip() or None
+    return Sync(open_storage(url, endpoint_url=endpoint), job_dir)

@@ -8,34 +8,36 @@ from pathlib import Path
 from typing import Any
 
 import click
-from optjob.specs.errors import OptjobError, ProviderError, UsageError
+from optjob.specs.errors import OptjobError, UsageError
 
 from ..store import Store, open_store
 from .common import find_job
 
 
-def _storage(url: str, spec_path: str | None) -> Any:
-    from optjob.steps.storage import open_storage
+def _storage(url: str, spec_path: str | None, endpoint_url: str | None = None) -> Any:
+    from optjob.steps.storage import open_storage, scheme_of
 
-    if not url.startswith("s3://") and not Path(url).expanduser().is_absolute() and spec_path:
+    if scheme_of(url) is None and not Path(url).expanduser().is_absolute() and spec_path:
         url = str(Path(spec_path).parent / url)  # a folder relative to the spec, as everything else is
-    try:
-        return open_storage(url)
-    except ImportError as exc:
-        raise ProviderError(f"reading {url} needs boto3 ({exc}); install it with: pip install 'optjob[cloud]'",
-                            ) from None
+    return open_storage(url, endpoint_url=endpoint_url)  # a missing SDK is a StorageError naming the package
+
+
+def _stored(job: Any) -> tuple[str | None, str | None]:
+    """The job's ``storage.artifacts`` and ``storage.endpoint_url`` as its stored spec says."""
+    storage = json.loads(job.spec_json).get("storage") or {}
+    return storage.get("artifacts"), storage.get("endpoint_url")
 
 
 def fetch_results(store: Store, name: str) -> bool:
     """After a cloud run: bring ``results.json`` (small) home for the report. Best effort."""
     job = store.job(name)
-    url = (json.loads(job.spec_json).get("storage") or {}).get("artifacts") if job else None
+    url, endpoint = _stored(job) if job else (None, None)
     if job is None or not url:
         return False
     from optjob.steps.layout import RESULTS_FILE, write_json_atomic
 
     try:
-        data = _storage(url, job.spec_path).get_bytes(RESULTS_FILE)
+        data = _storage(url, job.spec_path, endpoint).get_bytes(RESULTS_FILE)
         if data is None:
             return False
         write_json_atomic(Path(job.job_dir) / RESULTS_FILE, json.loads(data))
@@ -52,10 +54,10 @@ def pull_command(name: str) -> None:
 
     store = open_store()
     job = find_job(store, name)
-    url = (json.loads(job.spec_json).get("storage") or {}).get("artifacts")
+    url, endpoint = _stored(job)
     if not url:
         raise UsageError(f"{name} has no storage.artifacts: its artifacts are in {job.job_dir} already")
-    got = Sync(_storage(url, job.spec_path), Path(job.job_dir)).pull(overwrite_results=True)
+    got = Sync(_storage(url, job.spec_path, endpoint), Path(job.job_dir)).pull(overwrite_results=True)
     parts = [f"finished steps: {', '.join(got['steps']) or 'none new'}"]
     if got["checkpoints"]:
         parts.append(f"checkpoint {', '.join(got['checkpoints'])}")

@@ -1,5 +1,6 @@
 """Node-side checkpoint sync (``steps.sync``): the folder logic against a local-folder storage,
-and the real workload against S3 — moto's server on 127.0.0.1 — killed after a checkpoint,
+and the real workload against every backend — a shared folder, S3 (moto's server), GCS
+(gcp-storage-emulator), Azure Blob (Azurite), all on 127.0.0.1 — killed after a checkpoint,
 its job folder wiped (a fresh node), rerun: it resumes from the bucket and ends with the
 same metrics as a straight run."""
 
@@ -11,12 +12,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from buckets import BACKENDS, new_bucket
 from optjob.steps.layout import JobFile, step_dir
 from optjob.steps.storage import MANIFEST, LocalStorage
 from optjob.steps.sync import Sync, from_env, rebase_output
@@ -101,7 +102,10 @@ def test_pull_resumes_the_first_unfinished_step_from_its_newest_checkpoint(tmp_p
     assert Sync(store, tmp_path / "c").pull()["checkpoints"] == ["01-train/step-000006"]
 
 
-def test_only_rank_0_pushes_and_only_s3_urls_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_rank_0_pushes_and_from_env_opens_every_backend(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from optjob.steps.storage import AzureStorage, GCSStorage, S3Storage
+
     store = LocalStorage(tmp_path / "bucket")
     monkeypatch.setenv("RANK", "1")
     sync = Sync(store, tmp_path / "job")
@@ -109,36 +113,38 @@ def test_only_rank_0_pushes_and_only_s3_urls_sync(tmp_path: Path, monkeypatch: p
     assert store.list_keys() == []
     monkeypatch.delenv("OPTJOB_STORAGE", raising=False)
     assert from_env(tmp_path) is None
-    monkeypatch.setenv("OPTJOB_STORAGE", "/Users/someone/artifacts")  # the manager's folder
+    monkeypatch.setenv("OPTJOB_STORAGE", "/Users/someone/artifacts")  # the manager's folder: not on this node
     assert from_env(tmp_path) is None
+    (tmp_path / "bucket").mkdir()
+    monkeypatch.setenv("OPTJOB_STORAGE", str(tmp_path / "bucket"))  # a folder this node shares
+    got = from_env(tmp_path)
+    assert got is not None and isinstance(got.storage, LocalStorage) and got.storage.root == tmp_path / "bucket"
+    # Every bucket scheme opens its backend (no request is made yet): s3 with an endpoint (R2, MinIO), gs, az.
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "auto")
+    monkeypatch.setenv("OPTJOB_STORAGE", "s3://bkt/jobs/x")
+    monkeypatch.setenv("OPTJOB_STORAGE_ENDPOINT", "https://acct.r2.cloudflarestorage.com")
+    got = from_env(tmp_path)
+    assert got is not None and isinstance(got.storage, S3Storage)
+    assert got.storage.client.meta.endpoint_url == "https://acct.r2.cloudflarestorage.com"
+    monkeypatch.delenv("OPTJOB_STORAGE_ENDPOINT")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    monkeypatch.setenv("OPTJOB_STORAGE", "gs://bkt/jobs/x")
+    got = from_env(tmp_path)
+    assert got is not None and isinstance(got.storage, GCSStorage) and got.storage.bucket == "bkt"
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", "DefaultEndpointsProtocol=https;AccountName=acct;"
+                       "AccountKey=a2V5;EndpointSuffix=core.windows.net")
+    monkeypatch.setenv("OPTJOB_STORAGE", "az://ctr/jobs/x")
+    got = from_env(tmp_path)
+    assert got is not None and isinstance(got.storage, AzureStorage) and got.storage.root == "jobs/x"
+    assert got.storage.container.url == "https://acct.blob.core.windows.net/ctr"
     assert rebase_output("/home/ubuntu/optjob-job/steps/02-quantize/model", tmp_path) == \
         str(tmp_path / "steps" / "02-quantize" / "model")
     assert rebase_output("/models/base", tmp_path) == "/models/base" and rebase_output(None, tmp_path) is None
 
 
-# ------------------------------------------------------------------ the real workload against S3 (moto)
+# ------------------------------------------------------------------ the real workload against every backend
 
-@pytest.fixture
-def endpoint(moto_endpoint: str) -> str:
-    return moto_endpoint
-
-
-@pytest.fixture
-def s3_env(endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
-    """Dummy credentials and the moto endpoint, in this test's environment only (the workload
-    reads AWS_ENDPOINT_URL like any boto3 program)."""
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint, "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"), "NO_PROXY": "127.0.0.1,localhost"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    import boto3
-
-    bucket = f"optjob-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return {**env, "OPTJOB_STORAGE": f"s3://{bucket}/jobs/tiny"}
+_STRAIGHT: dict[str, Any] = {}  # the uninterrupted run's results.json, made once for every backend
 
 
 def _events(text: str) -> list[dict[str, Any]]:
@@ -148,14 +154,17 @@ def _events(text: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", BACKENDS)
 def test_fresh_node_resumes_from_the_bucket(
-    tmp_path: Path, tiny_spec: Spec, shared_cache: Path, s3_env: dict[str, str],
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, tiny_spec: Spec, shared_cache: Path,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], restore_signals: None,
 ) -> None:  # fmt: skip
+    """SIGKILLed (a spot reclaim) right after a checkpoint, the job folder wiped (a fresh node): the rerun
+    pulls the checkpoint from the bucket, resumes from it and ends with a straight run's metrics."""
     from optjob.specs.data import DataSpec
     from optjob.steps import runner
     from optjob.steps.data import load_text
-    from optjob.steps.storage import S3Storage
+    from optjob.steps.storage import open_storage
 
     load_text(DataSpec(), shared_cache)  # the corpus is built here, not in the subprocess
     spec = tiny_spec(steps=[{"train": {"max_steps": 12, "lr": 3e-3, "batch_size": 8, "checkpoint_every": 4,
@@ -167,16 +176,21 @@ def test_fresh_node_resumes_from_the_bucket(
         JobFile(spec=spec, device="cpu", cache_dir=str(shared_cache), extra=quick).write(tmp_path / name)
         return tmp_path / name
 
-    # A straight run, no storage.
-    monkeypatch.delenv("OPTJOB_STORAGE", raising=False)
-    straight = folder("straight")
-    assert runner.main(["run", str(straight)]) == 0
-    capsys.readouterr()
-    expected = json.loads((straight / "results.json").read_text())
+    for var in ("OPTJOB_STORAGE", "OPTJOB_STORAGE_ENDPOINT", "STORAGE_EMULATOR_HOST",
+                "AZURE_STORAGE_CONNECTION_STRING"):
+        monkeypatch.delenv(var, raising=False)
+    if "expected" not in _STRAIGHT:  # a straight run, no storage
+        straight = folder("straight")
+        assert runner.main(["run", str(straight)]) == 0
+        capsys.readouterr()
+        _STRAIGHT["expected"] = json.loads((straight / "results.json").read_text())
+    expected = _STRAIGHT["expected"]
+    url, bucket_env = new_bucket(kind, request, tmp_path, monkeypatch)
+    node_env = {**bucket_env, "OPTJOB_STORAGE": url}
 
-    # The same job with storage, SIGKILLed (a spot reclaim) right after its first checkpoint.
+    # The same job with storage, SIGKILLed right after its first checkpoint.
     node = folder("node")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPTJOB_")}, **s3_env,
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPTJOB_")}, **node_env,
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "optjob.steps", "run", str(node)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -187,7 +201,7 @@ def test_fresh_node_resumes_from_the_bucket(
             break
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL, err
-    bucket = S3Storage(s3_env["OPTJOB_STORAGE"])
+    bucket = open_storage(url, endpoint_url=node_env.get("OPTJOB_STORAGE_ENDPOINT"))
     saved = bucket.latest_checkpoint("steps/00-train/checkpoints")
     assert saved in ("step-000004", "step-000008"), bucket.list_keys()
     assert bucket.get_bytes("steps/00-train/done.json") is None
@@ -196,13 +210,13 @@ def test_fresh_node_resumes_from_the_bucket(
     for path in node.iterdir():
         if path.name != "job.json":
             (path.unlink if path.is_file() else shutil.rmtree)(path)
-    for k, v in s3_env.items():
+    for k, v in node_env.items():
         monkeypatch.setenv(k, v)
     assert runner.main(["run", str(node)]) == 0
     out, err = capsys.readouterr()
     resumed = int(saved.split("-")[1])
     assert f"resuming from {node / 'steps' / '00-train' / 'checkpoints' / saved} (step {resumed})" in err
-    assert resumed > 0 and "pulled from s3://" in err
+    assert resumed > 0 and f"pulled from {url.rstrip('/')}" in err
     progress = [e["step"] for e in _events(out) if e["event"] == "progress" and e["index"] == 0]
     assert progress[0] == resumed + 1 and progress[-1] == 12
     results = json.loads((node / "results.json").read_text())
