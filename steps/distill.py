@@ -15,7 +15,6 @@ student replica (DDP) and works on its block of the global batch (see ``dist``).
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -25,12 +24,10 @@ from optjob.specs import DistillStep
 from optjob.specs.errors import StepError
 from torch import nn
 
-from . import dist
+from . import dist, families, structure
 from .context import StepContext, StepOutcome
 from .prune import rebuild, shrink
 
-#: ``model.layers.3.`` (llama, mistral, qwen2) or ``transformer.h.3.`` (gpt2).
-_LAYER_KEY = re.compile(r"^(?P<pre>(?:.*\.)?(?:layers|h))\.(?P<i>\d+)\.(?P<rest>.*)$")
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
@@ -51,66 +48,89 @@ def _set(config: Any, names: tuple[str, ...], value: Any) -> None:
 
 def _with_layers(config: Any, layers: list[int]) -> Any:
     new = copy.deepcopy(config)
-    _set(new, ("num_hidden_layers", "n_layer"), len(layers))
+    _set(new, families.LAYERS, len(layers))
     types = getattr(config, "layer_types", None)
-    if isinstance(types, list) and len(types) == config.num_hidden_layers:
+    if isinstance(types, list) and len(types) == families.field(config, *families.LAYERS):
         new.layer_types = [types[i] for i in layers]
     return new
 
 
 def student_config(teacher_config: Any, step: DistillStep) -> Any:
-    """The config of a randomly initialised student."""
+    """The config of a randomly initialised student: the teacher's, with the student's
+    layers, width, heads and MLP width set in whatever fields the family names them
+    (gpt2's n_embd/n_head/n_inner, opt's ffn_dim and word_embed_proj_dim, ...)."""
     s = step.student
-    cfg = _with_layers(teacher_config, list(range(s.layers or teacher_config.num_hidden_layers)))
-    hidden = s.hidden or teacher_config.hidden_size
-    heads = s.heads or teacher_config.num_attention_heads
+    t_hidden = families.hidden_size(teacher_config)
+    t_heads = families.num_heads(teacher_config)
+    t_layers = int(families.field(teacher_config, *families.LAYERS))
+    assert t_hidden is not None and t_heads is not None
+    cfg = _with_layers(teacher_config, list(range(s.layers or t_layers)))
+    hidden = s.hidden or t_hidden
+    heads = s.heads or t_heads
     if hidden % heads:
         raise StepError(f"student hidden {hidden} is not divisible by its {heads} heads")
     cfg.hidden_size = hidden
     cfg.num_attention_heads = heads
-    if hasattr(cfg, "num_key_value_heads"):
-        kv = teacher_config.num_key_value_heads
-        same = kv == teacher_config.num_attention_heads
+    if getattr(cfg, "num_key_value_heads", None) is not None:
+        kv = families.num_kv_heads(teacher_config) or t_heads
+        same = kv == t_heads
         cfg.num_key_value_heads = heads if same or heads % kv else kv
-    if hasattr(cfg, "head_dim") and (s.hidden is not None or s.heads is not None):
-        cfg.head_dim = hidden // heads
+    t_head_dim = families.head_dim(teacher_config)
+    if s.hidden is not None or s.heads is not None:
+        if hasattr(cfg, "head_dim"):
+            cfg.head_dim = hidden // heads
+        # gemma2 scales attention by query_pre_attn_scalar, set to the head width
+        if getattr(cfg, "query_pre_attn_scalar", None) == t_head_dim:
+            cfg.query_pre_attn_scalar = hidden // heads
+    # opt embeds in word_embed_proj_dim; equal to hidden it needs no project_in/out
+    if getattr(cfg, "word_embed_proj_dim", None) == t_hidden:
+        cfg.word_embed_proj_dim = hidden
     if s.intermediate is not None:
-        _set(cfg, ("intermediate_size", "n_inner"), s.intermediate)
+        name = families.intermediate_field(cfg)
+        if name is None:
+            raise StepError(
+                f"no field of the {families.model_type(cfg)} config gives the MLP width",
+                hint="leave student.intermediate unset",
+            )
+        setattr(cfg, name, s.intermediate)
     return cfg
 
 
 def copy_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
     """A model with ``layers`` of ``teacher`` (in order) and its embeddings, final norm
     and output head."""
+    name, _ = structure.decoder_layers(teacher)
+    prefix = f"{name}."
     state: dict[str, torch.Tensor] = {}
     where = {t: s for s, t in enumerate(layers)}
     for key, value in teacher.state_dict().items():
-        m = _LAYER_KEY.match(key)
-        if m is None:
+        if not key.startswith(prefix):
             state[key] = value
-        elif int(m["i"]) in where:
-            state[f"{m['pre']}.{where[int(m['i'])]}.{m['rest']}"] = value
+            continue
+        index, _, rest = key[len(prefix) :].partition(".")
+        if int(index) in where:
+            state[f"{prefix}{where[int(index)]}.{rest}"] = value
     return rebuild(teacher, _with_layers(teacher.config, layers), state)
 
 
+#: What to do when the student's layers cannot be cut from the teacher's.
+SHRINK_HINT = "use init: random, or leave student.heads / student.intermediate unset"
+
+
 def build_student(teacher: nn.Module, step: DistillStep, device: torch.device) -> nn.Module:
-    """The student, in fp32 on ``device``."""
+    """The student, in fp32 on ``device`` (whatever the teacher's dtype)."""
     s = step.student
     cfg: Any = teacher.config
+    families.check(cfg, step)
     if step.init == "random":
         from .modeling import build_from_config
 
         fresh: nn.Module = build_from_config(student_config(cfg, step), seed=step.seed)
         return fresh.to(device)
-    if s.hidden is not None and s.hidden != cfg.hidden_size:
-        raise StepError(
-            "init: teacher_layers copies weights, so the student must keep the teacher's "
-            f"hidden width ({cfg.hidden_size}); use init: random"
-        )
-    n_layers = cfg.num_hidden_layers
+    n_layers = int(families.field(cfg, *families.LAYERS))
     student = copy_layers(teacher, pick_layers(n_layers, s.layers or n_layers))
     if s.intermediate is not None or s.heads is not None:
-        student = shrink(student, intermediate=s.intermediate, heads=s.heads)
+        student = shrink(student, intermediate=s.intermediate, heads=s.heads, hint=SHRINK_HINT)
     return student.to(device=device, dtype=torch.float32)
 
 
@@ -176,17 +196,20 @@ def run(ctx: StepContext, step: DistillStep, model: nn.Module) -> StepOutcome:
     from .modeling import count_params
 
     teacher_params = count_params(model)
-    n_teacher: int = _config(model).num_hidden_layers
+    teacher_dtype = str(next(p.dtype for p in model.parameters() if p.is_floating_point()))
+    n_teacher = int(families.field(_config(model), *families.LAYERS))
     student, result = distill_train(
         ctx, model, step, checkpoint_dir=ctx.step_dir() / "checkpoints", distributed=True
     )
-    n_student: int = _config(student).num_hidden_layers
+    n_student = int(families.field(_config(student), *families.LAYERS))
     student_params = count_params(student)
     metrics: dict[str, Any] = {
         "teacher_params": teacher_params,
         "student_params": student_params,
         "compression": teacher_params / student_params,
         "student_layers": n_student,
+        "teacher_dtype": teacher_dtype.removeprefix("torch."),
+        "student_dtype": "float32",
         "steps_done": result.steps_done,
         "tokens_per_s": result.tokens_per_s,
     }

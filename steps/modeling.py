@@ -83,7 +83,9 @@ def build_from_config(config: PretrainedConfig, seed: int = 0) -> PreTrainedMode
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> nn.Module:
-    """A model saved by ``save_model`` (or any ``save_pretrained`` folder)."""
+    """A model saved by ``save_model`` (or any ``save_pretrained`` folder; quantized
+    ones carry their ``quantization_config`` and load the same way). A folder written by
+    optjob's earlier quantized format (``optjob_quant.json``) is rebuilt by ``quantize``."""
     path = Path(path)
     if (path / QUANT_RECIPE).exists():
         from .quantize import load_quantized  # type: ignore[attr-defined]
@@ -99,8 +101,11 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> nn.Module:
 
 
 def load_hub_model(name: str, device: torch.device | str = "cpu") -> nn.Module:
+    """A hub model: fp32 on a CPU; on a GPU in its checkpoint's dtype (an 8B model in bf16 is 16 GB
+    where fp32 would not fit; training upcasts its master weights itself, ``train.to_master_weights``)."""
+    dtype: Any = "auto" if torch.device(device).type == "cuda" else torch.float32
     try:
-        model: nn.Module = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except Exception as exc:
         raise StepError(f"could not load hub model {name!r} (needs network on the node): {exc}") from None
     return model.to(device)
@@ -116,7 +121,7 @@ def initial_model(spec: JobSpec, tokenizer: Any, device: torch.device | str = "c
         special = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         model: nn.Module = build_model(m.init, len(tokenizer), seed, **special)
     elif m.hf is not None:
-        model = load_hub_model(m.hf)
+        model = load_hub_model(m.hf, device)
     else:
         model = load_model(Path(str(m.path)))
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
@@ -150,7 +155,7 @@ def save_model(model: nn.Module, path: Path, tokenizer: Any = None) -> Path:
         if hasattr(model, "optjob_save"):
             model.optjob_save(tmp)  # type: ignore[operator]
         elif isinstance(model, PreTrainedModel):
-            model.save_pretrained(tmp, safe_serialization=True)
+            _save_pretrained(model, tmp)
         else:
             raise StepError(f"cannot save a {type(model).__name__}: not a transformers model")
         if tokenizer is not None:
@@ -167,6 +172,28 @@ def save_model(model: nn.Module, path: Path, tokenizer: Any = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _save_pretrained(model: PreTrainedModel, folder: Path) -> None:
+    """``save_pretrained`` (safetensors). A model loaded quantized carries load-only weight
+    converters (transformers 5.17's ``TorchAoDeserialize`` has no reverse, so saving it
+    again raises NotImplementedError); they are left out while saving: the quantizer
+    hands ``save_pretrained`` an already flattened state dict."""
+    conversions: Any = getattr(model, "_weight_conversions", None)
+    if conversions:
+        reversible = []
+        for conversion in conversions:
+            try:
+                conversion.reverse_transform()
+            except NotImplementedError:
+                continue
+            reversible.append(conversion)
+        model._weight_conversions = reversible  # type: ignore[assignment]
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        if conversions:
+            model._weight_conversions = conversions
 
 
 def model_size_bytes(path: Path) -> int:

@@ -127,7 +127,13 @@ def test_structured_grouped_query_attention():
         prune.shrink(model, heads=3)
 
 
-def test_structured_refuses_gpt2():
+def test_structured_gpt2_cuts_mlp_neurons_not_heads():
+    """gpt2's Conv1D MLP is cut like any other; its head width is hidden / heads, so
+    heads are refused with a hint that fits the prune step."""
     model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=512))
-    with pytest.raises(StepError, match="structured pruning supports"):
-        prune.structured_prune(model, PruneStep(method="structured", mlp_fraction=0.5))
+    small = prune.structured_prune(model, PruneStep(method="structured", mlp_fraction=0.5))
+    assert small.config.n_inner == 128
+    assert small.transformer.h[0].mlp.c_fc.weight.shape == (64, 128)
+    with pytest.raises(StepError, match="head width") as err:
+        prune.structured_prune(model, PruneStep(method="structured", heads_fraction=0.5))
+    assert "heads_fraction: 0" in (err.value.hint or "")
