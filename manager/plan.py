@@ -28,6 +28,10 @@ class OfferPlan:
     est_hours: float
     est_usd: float
     ondemand_usd: float | None = None
+    #: The largest step's estimated peak memory per GPU (per process), GiB (``pricing.memory``).
+    memory_gb: float | None = None
+    #: Memory of one of the offer's GPUs, GiB (None: a CPU node, a TPU, or a GPU of unknown memory).
+    gpu_memory_gb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class Plan:
     notes: tuple[str, ...] = ()
     calibrated_runs: int = 0
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    #: Values that did not come from the spec file: the user config's defaults, ``--set``, ``--name``.
+    sources: tuple[str, ...] = ()
 
     @property
     def hourly_usd(self) -> float:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import StrictModel
 
 _HUB_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 #: Corpora every Python install has; built on the node, no download.
 BUILTIN_DATASETS = ("python-docs",)
+#: How records become training sequences (``data.format``).
+DataFormat = Literal["text", "chat", "prompt-completion"]
 
 
 class DataSpec(StrictModel):
@@ -24,10 +27,21 @@ class DataSpec(StrictModel):
     """Use at most this many characters of the source (default: all)."""
     text_field: str = Field("text", min_length=1, max_length=128)
     """The field that holds text in .jsonl files and hub datasets."""
+    format: DataFormat | None = None
+    """text; chat (records with messages: [{role, content}], rendered with the tokenizer's chat
+    template); or prompt-completion (records with prompt and completion). Default: detected from
+    the first record (text for .txt files and builtin corpora)."""
+    eval_source: str | None = Field(None, min_length=1, max_length=4096)
+    """A separate evaluation set, given as source is (eval_fraction then does not apply)."""
+    loss_on: Literal["completion", "all"] = "completion"
+    """chat and prompt-completion: train on the assistant/completion tokens only (prompt tokens
+    carry label -100), or on every token."""
 
-    @field_validator("source")
+    @field_validator("source", "eval_source")
     @classmethod
-    def _source(cls, v: str) -> str:
+    def _source(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         if "\x00" in v:
             raise ValueError("contains a NUL byte")
         if v.startswith("builtin:"):
@@ -43,6 +57,17 @@ class DataSpec(StrictModel):
                 raise ValueError("hf: source must be hf:DATASET or hf:ORG/DATASET[/CONFIG] "
                                  "(letters, digits, '.', '_', '-'; not starting with '.')")
         return v
+
+    @model_validator(mode="after")
+    def _format(self) -> DataSpec:
+        for name in ("source", "eval_source"):
+            value = getattr(self, name)
+            if self.format in ("chat", "prompt-completion") and value is not None and (
+                value.startswith("builtin:") or value.endswith((".txt", ".md", ".text"))
+            ):
+                raise ValueError(f"format {self.format} needs records (.jsonl or a hub dataset); "
+                                 f"{name} {value!r} is plain text")
+        return self
 
     @property
     def kind(self) -> str:

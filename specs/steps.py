@@ -71,6 +71,9 @@ class TrainOptions(StepBase):
     """Emit a progress event every N steps."""
     early_stopping: EarlyStopping | None = None
     """Stop when eval loss stops improving (needs eval_every)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them: far less
+    memory for about a third more compute."""
 
     @model_validator(mode="after")
     def _checks(self) -> TrainOptions:
@@ -84,11 +87,42 @@ class TrainOptions(StepBase):
         return self.max_steps * self.batch_size * self.grad_accum * seq_len
 
 
+#: The ``adapter`` fields an hpo search may vary (``train.adapter.r``, ...).
+ADAPTER_SEARCH_FIELDS = ("r", "alpha", "dropout")
+_MODULE_NAME = r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$"
+
+
+class AdapterSpec(StrictModel):
+    """Parameter-efficient fine-tuning (peft): low-rank adapters on a frozen model."""
+
+    method: Literal["lora", "qlora"] = "lora"
+    """lora: adapters on the frozen model as it is; qlora: the frozen model held in 4-bit NF4
+    (bitsandbytes, CUDA GPUs only)."""
+    r: int = Field(16, ge=1, le=4096)
+    """Rank of each adapter."""
+    alpha: float = Field(32.0, gt=0.0, le=1_000_000.0)
+    """Scaling numerator: an adapter's update is multiplied by alpha / r."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on each adapter's input."""
+    targets: Literal["all-linear"] | list[Annotated[str, Field(pattern=_MODULE_NAME)]] = "all-linear"
+    """Which Linear layers get adapters: all-linear (every one but the output head) or module
+    names, e.g. [q_proj, v_proj]."""
+
+    @model_validator(mode="after")
+    def _checks(self) -> AdapterSpec:
+        if isinstance(self.targets, list) and not self.targets:
+            raise ValueError("targets: give at least one module name, or all-linear")
+        return self
+
+
 class TrainStep(TrainOptions):
     """Train or fine-tune the current model as a causal LM."""
 
     kind: ClassVar[str] = "train"
     trains: ClassVar[bool] = True
+    adapter: AdapterSpec | None = None
+    """Train low-rank adapters (peft) instead of every weight; the output is the merged model, the
+    adapter is saved beside it (steps/NN-train/adapter)."""
 
 
 Metric = Literal["perplexity", "accuracy", "latency", "size", "memory"]
@@ -365,7 +399,9 @@ Step = Annotated[StepEntry, BeforeValidator(_check_entry)]
 
 
 __all__ = [
+    "ADAPTER_SEARCH_FIELDS",
     "STEP_TYPES",
+    "AdapterSpec",
     "Calibration",
     "DistillStep",
     "Distribution",

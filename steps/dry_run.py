@@ -41,6 +41,9 @@ def proxy_spec(spec: JobSpec) -> JobSpec:
         # A laptop rehearsal must not depend on the hub (the model is built from its family too).
         print(f"dry run: using builtin:python-docs in place of {spec.data.source}", file=sys.stderr, flush=True)
         data["source"] = "builtin:python-docs"
+        data["format"] = None  # the builtin corpus is text
+    if str(data.get("eval_source") or "").startswith("hf:"):
+        data["eval_source"] = None
     data["max_chars"] = min(data["max_chars"] or DRY_RUN_CHARS, DRY_RUN_CHARS)
     data["seq_len"] = min(data["seq_len"], 64)
     for entry in d["steps"]:
@@ -54,6 +57,11 @@ def proxy_spec(spec: JobSpec) -> JobSpec:
             body["warmup_steps"] = min(body["warmup_steps"], body["max_steps"])
         if kind == "distill":
             _shrink_student(body["student"], spec.model.init)
+        if kind == "train" and (body.get("adapter") or {}).get("method") == "qlora":
+            # bitsandbytes' 4-bit needs CUDA: the rehearsal trains the same adapter on the model as it is.
+            print("dry run: adapter method qlora rehearsed as lora (4-bit needs a CUDA GPU)",
+                  file=sys.stderr, flush=True)
+            body["adapter"]["method"] = "lora"
     return JobSpec.model_validate(d)
 
 

@@ -86,6 +86,21 @@ def split_params(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def set_fields(options: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """``options`` (a step's dumped options) with ``fields`` set; a dotted name sets a nested
+    field (``adapter.r``)."""
+    out = copy.deepcopy(options)
+    for name, value in fields.items():
+        *outer, last = name.split(".")
+        target = out
+        for part in outer:
+            if not isinstance(target.get(part), dict):
+                raise StepError(f"hpo parameter {name!r}: the step has no {part!r} options to set it in")
+            target = target[part]
+        target[last] = value
+    return out
+
+
 def tuned_index(pipeline: list[StepBase], hpo_index: int) -> int:
     """Index of the train/distill step the hpo step at ``hpo_index`` tunes."""
     for j in range(hpo_index + 1, len(pipeline)):
@@ -111,7 +126,7 @@ def apply_overrides(
                 raise StepError("model.init overrides need a model built from model.init")
             data["model"]["init"].update(fields)
         elif section == kind:
-            data["steps"][j][kind].update(fields)
+            data["steps"][j][kind] = set_fields(data["steps"][j][kind], fields)
         else:
             raise StepError(f"hpo override for {section!r}, but steps[{j}] is {kind}")
     try:
@@ -289,7 +304,7 @@ def trial_options(
     base: TrainOptions, fields: dict[str, Any], trial_steps: int, pruner: bool
 ) -> TrainOptions:
     """The tuned step's options with ``fields`` applied, cut to ``trial_steps``."""
-    data = {**base.model_dump(), **fields}
+    data = set_fields(base.model_dump(), fields)
     full = max(1, int(data["max_steps"]))
     data["max_steps"] = trial_steps
     data["warmup_steps"] = min(trial_steps, round(int(data["warmup_steps"]) * trial_steps / full))
@@ -349,8 +364,8 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         from .distill import distill_train
-        from .evaluate import eval_loss, perplexity
-        from .train import train_loop
+        from .evaluate import perplexity
+        from .train import corpus_eval_loss, train_loop
 
         ctx, step = self.ctx, self.step
         ctx.stop.check()
@@ -377,7 +392,7 @@ class Objective:
                 raise
             trial.set_user_attr("error", str(exc))
             return sign * math.inf
-        loss, acc = eval_loss(model, ctx.corpus, opts.batch_size, opts.eval_batches, ctx.device)
+        loss, acc = corpus_eval_loss(model, ctx.corpus, opts.batch_size, opts.eval_batches, ctx.device)
         trial.set_user_attr("eval_loss", loss)
         trial.set_user_attr("accuracy", acc)
         value = {"eval_loss": loss, "perplexity": perplexity(loss), "accuracy": acc}[step.metric]

@@ -32,10 +32,11 @@ from optjob.specs.errors import StepError
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from . import adapters, dist
 from . import checkpoint as ckpt
-from . import dist
 from .context import StepContext, StepOutcome, StopRequested
-from .device import autocast, autocast_dtype, mark_step
+from .data import IGNORE_INDEX, MaskedCorpus
+from .device import autocast, autocast_dtype, eval_mode, mark_step
 from .evaluate import eval_loss, perplexity
 
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -60,12 +61,71 @@ class TrainResult:
     #: (step, eval_loss) of each periodic evaluation.
     evals: list[tuple[int, float]] = field(default_factory=list)
     resumed_from: int | None = None
+    #: The upcast to fp32 master weights, if the model came in another dtype.
+    upcast: dict[str, Any] | None = None
 
 
 def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of ``batch[:, :-1]`` predicting ``batch[:, 1:]``."""
     logits = model(input_ids=batch[:, :-1], use_cache=False).logits
     return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+
+def masked_lm_loss(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the targets whose label is not -100 (``labels`` is
+    ``batch[:, 1:]`` with prompt tokens masked); 0, with a gradient, when every one is masked."""
+    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return total / (labels != IGNORE).sum().clamp(min=1)
+
+
+#: The label of a target that carries no loss (a prompt token of chat / prompt-completion data).
+IGNORE = IGNORE_INDEX
+
+
+def corpus_eval_loss(
+    model: nn.Module, corpus: Any, batch_size: int, max_batches: int | None, device: torch.device,
+    *, dtype: torch.dtype | None = None,
+) -> tuple[float, float]:
+    """(loss, accuracy) on the eval split: over every token (``evaluate.eval_loss``), or for a
+    corpus with a loss mask (chat, prompt-completion) over the completion tokens only."""
+    if not getattr(corpus, "masked", False):
+        return eval_loss(model, corpus, batch_size, max_batches, device, dtype=dtype)
+    return masked_eval_loss(model, corpus, batch_size, max_batches, device, dtype=dtype)
+
+
+@torch.no_grad()
+def masked_eval_loss(
+    model: nn.Module, corpus: Any, batch_size: int, max_batches: int | None, device: torch.device,
+    *, dtype: torch.dtype | None = None,
+) -> tuple[float, float]:
+    """``eval_loss`` counting only the targets whose label is not -100."""
+    losses: list[torch.Tensor] = []
+    hits: list[torch.Tensor] = []
+    counts: list[torch.Tensor] = []
+    with eval_mode(model):
+        for batch, labels in zip(corpus.eval_batches(batch_size, max_batches),
+                                 corpus.eval_labels(batch_size, max_batches), strict=True):
+            batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast(device, dtype):
+                logits = model(input_ids=batch[:, :-1], use_cache=False).logits.float()
+            keep = labels != IGNORE
+            losses.append(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                          reduction="sum"))
+            hits.append(((logits.argmax(-1) == labels) & keep).sum())
+            counts.append(keep.sum())
+    count = int(torch.stack(counts).sum()) if counts else 0
+    if count == 0:
+        return float("nan"), float("nan")
+    return float(torch.stack(losses).double().sum()) / count, int(torch.stack(hits).sum()) / count
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer in the backward pass (transformers' non-reentrant checkpointing)."""
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise StepError(f"{type(model).__name__} does not support gradient_checkpointing")
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 class Schedule:
@@ -83,6 +143,39 @@ class Schedule:
         if self.kind == "linear":
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+#: The dtype training keeps its weights in (the optimizer's master copy). Every current
+#: ``precision`` is mixed precision: fp32 weights, bf16/fp16 matmuls under autocast.
+MASTER_DTYPE = torch.float32
+
+
+def to_master_weights(model: nn.Module, precision: str = "fp32") -> dict[str, Any] | None:
+    """Upcast ``model``'s floating-point parameters and buffers to fp32 in place when any
+    parameter is in another dtype (a bf16/fp16 checkpoint): optimizer steps on bf16
+    weights lose most small updates, and fp16 ones overflow. ``precision`` only chooses
+    the autocast dtype. Returns what was converted (None: nothing), for the metrics."""
+    counts: dict[str, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != MASTER_DTYPE:
+            name = str(p.dtype).removeprefix("torch.")
+            counts[name] = counts.get(name, 0) + p.numel()
+    if not counts:
+        return None
+    model.to(MASTER_DTYPE)
+    note: dict[str, Any] = {
+        "from": sorted(counts),
+        "to": str(MASTER_DTYPE).removeprefix("torch."),
+        "params": sum(counts.values()),
+        "precision": precision,
+    }
+    print(
+        f"training in fp32 master weights: upcast {note['params']} {'/'.join(note['from'])} "
+        f"parameters (precision {precision} runs under autocast)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return note
 
 
 def make_optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
@@ -138,8 +231,19 @@ def train_loop(
         dist.split_batch(opts.batch_size)  # a clear error before any work
     main = not ddp or dist.is_main()
     emit = emit and main
+    # Chat / prompt-completion data carry a loss mask, which the default loss honours (a custom
+    # loss, distillation's, sees the tokens alone).
+    masked = corpus if loss_fn is None and isinstance(corpus, MaskedCorpus) else None
     loss_fn = loss_fn or causal_lm_loss
-    model.to(device)
+    adapter = adapters.adapter_of(opts)
+    if adapter is not None and not adapters.is_adapted(model):
+        model = adapters.attach(ctx, model, opts)
+    # An adapter trains its own fp32 weights; the frozen ones stay as they came.
+    upcast = to_master_weights(model, opts.precision) if adapter is None else None
+    if adapter is None or adapter.method != "qlora":  # a 4-bit model is loaded on its device
+        model.to(device)
+    if opts.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
     amp = autocast_dtype(opts.precision, device)
     scaler = (
@@ -158,7 +262,10 @@ def train_loop(
         dist.ensure_folder(found, present=ckpt.verify)
     if found is not None:
         parts, meta = ckpt.load_checkpoint(found)
-        model.load_state_dict(parts["model"])
+        if adapter is not None:  # the adapter's weights; the frozen ones came with the step's input
+            adapters.load_trainable(model, parts["model"])
+        else:
+            model.load_state_dict(parts["model"])
         optimizer.load_state_dict(parts["optimizer"])
         scheduler.load_state_dict(parts["scheduler"])
         if scaler is not None and "scaler" in parts:
@@ -175,7 +282,7 @@ def train_loop(
     def save() -> None:
         t = time.perf_counter()
         parts = {
-            "model": model.state_dict(),
+            "model": adapters.trainable_state(model) if adapter is not None else model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": ckpt.rng_state(),
@@ -183,9 +290,10 @@ def train_loop(
         if scaler is not None:
             parts["scaler"] = scaler.state_dict()
         folder = ckpt.save_checkpoint(root, step, parts, {**state, "max_steps": opts.max_steps})
-        ctx.stop.observe(time.perf_counter() - t)
-        if emit:
-            ctx.emit("checkpoint", step=step, path=str(folder))
+        seconds = time.perf_counter() - t
+        ctx.stop.observe(seconds, checkpoint=True)
+        if emit:  # the manager sizes its stop margin and kill grace from these seconds
+            ctx.emit("checkpoint", step=step, path=str(folder), seconds=round(seconds, 3))
 
     def checkpoint() -> None:
         _flush(pending, state["losses"], step, reduce)
@@ -205,15 +313,21 @@ def train_loop(
         total = torch.zeros((), device=device)
         for micro in range(opts.grad_accum):
             batch = corpus.train_batch(opts.batch_size, step * opts.grad_accum + micro, opts.seed)
+            labels = (masked.train_labels(opts.batch_size, step * opts.grad_accum + micro, opts.seed)
+                      if masked is not None else None)
             if ddp:
                 batch = dist.shard(batch)
+                labels = dist.shard(labels) if labels is not None else None
             batch = batch.to(device, non_blocking=True)
             # DDP averages the gradients over the ranks on the last micro-batch only.
             last = micro == opts.grad_accum - 1
             sync = net.no_sync() if ddp and not last else contextlib.nullcontext()  # type: ignore[operator]
             with sync:
                 with autocast(device, amp):
-                    loss = loss_fn(net, batch)
+                    if labels is None:
+                        loss = loss_fn(net, batch)
+                    else:
+                        loss = masked_lm_loss(net, batch, labels.to(device, non_blocking=True))
                 scaled = loss / opts.grad_accum
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             total += loss.detach().float()
@@ -269,6 +383,7 @@ def train_loop(
         best_eval_loss=state["best"],
         evals=[tuple(e) for e in state["evals"]],
         resumed_from=resumed or None,
+        upcast=upcast,
     )
     if stopped is not None and on_stop == "raise":
         raise StopRequested(stopped, step)
@@ -326,7 +441,7 @@ def _periodic_eval(
     so every rank takes the same early-stopping decision."""
 
     def measure() -> tuple[float, float]:
-        return eval_loss(model, ctx.corpus, opts.batch_size, opts.eval_batches, ctx.device, dtype=amp)
+        return corpus_eval_loss(model, ctx.corpus, opts.batch_size, opts.eval_batches, ctx.device, dtype=amp)
 
     loss, acc = dist.on_main(measure) if ddp else measure()
     model.train()
@@ -360,14 +475,25 @@ def downsample(points: list[tuple[int, float]], n: int = CURVE_POINTS) -> list[t
 
 
 def preflight(step: TrainOptions, device: torch.device) -> None:
-    """Under torchrun, the global ``batch_size`` must split evenly among the processes."""
+    """Under torchrun, the global ``batch_size`` must split evenly among the processes; an adapter
+    needs peft (and QLoRA a CUDA GPU with bitsandbytes)."""
     dist.split_batch(step.batch_size)
+    adapter = adapters.adapter_of(step)
+    if adapter is not None:
+        adapters.preflight(adapter, device)
 
 
 def run(ctx: StepContext, step: TrainStep, model: nn.Module) -> StepOutcome:
+    params = sum(p.numel() for p in model.parameters())
     res = train_loop(ctx, model, step, distributed=True)
+    sizes: dict[str, Any] = {"trainable_params": params, "params": params}
+    saved: dict[str, Any] = {}
+    if step.adapter is not None:  # the adapter beside the model; the model merged
+        main = dist.world() <= 1 or dist.is_main()
+        res.model, sizes, saved = adapters.finish(ctx, res.model, step.adapter, save=main)
     tail = [v for _, v in res.losses[-step.log_every :]]
     metrics: dict[str, Any] = {
+        **sizes,
         "train_loss": sum(tail) / len(tail) if tail else None,
         "steps": res.steps_done,
         "tokens": res.steps_done * step.batch_size * step.grad_accum * ctx.corpus.seq_len,
@@ -376,5 +502,7 @@ def run(ctx: StepContext, step: TrainStep, model: nn.Module) -> StepOutcome:
     }
     if res.best_eval_loss is not None:
         metrics["best_eval_loss"] = res.best_eval_loss
-    extra = {"loss_curve": downsample(res.losses), "eval_curve": res.evals}
+    if res.upcast is not None:
+        metrics["upcast"] = res.upcast
+    extra = {"loss_curve": downsample(res.losses), "eval_curve": res.evals, **saved}
     return StepOutcome(model=res.model, metrics=metrics, extra=extra)

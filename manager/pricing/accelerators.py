@@ -8,7 +8,8 @@ fraction of this (the estimator's ``efficiency``; calibration measures it per ac
 because PyTorch runs fp32 matmuls without TF32 unless a program opts in. On TPUs, XLA's default
 matmul precision runs fp32 as one bf16 pass, so fp32 = bf16 there.
 
-Also here: the sizes of well known hub models, for planning without a download.
+Also here: each GPU's memory (``GPU_MEMORY_GIB``, what ``pricing.memory`` checks a plan against) and
+the sizes of well known hub models, for planning without a download.
 """
 
 from __future__ import annotations
@@ -78,6 +79,41 @@ TPU_CHIPS: dict[str, tuple[float, int, str]] = {
     "v5e": (197, 1, "cloud.google.com/tpu/docs/v5e: 197 TFLOPS per chip"),
     "v6e": (918, 1, "cloud.google.com/tpu/docs/v6e: 918 TFLOPS per chip"),
 }
+
+
+#: Memory of one GPU in GiB: the total ``nvidia-smi`` reports (what CUDA can allocate, before its own
+#: context), from NVIDIA's datasheets ("24 GB" GDDR6 on A10G/L4/A10 reads 23028 MiB; "80 GB" HBM reads
+#: 80 GiB on A100 and 79.6 GiB on H100). The plan drops offers whose GPUs cannot hold a step.
+GPU_MEMORY_GIB: dict[str, float] = {
+    "T4": 15.0,  # 16 GB GDDR6 (15360 MiB)
+    "L4": 22.5,  # 24 GB GDDR6 (23034 MiB)
+    "A10G": 22.35,  # 24 GB GDDR6 (22888 MiB on AWS g5, as its catalog says)
+    "A10": 22.5,  # 24 GB GDDR6
+    "V100": 15.8,  # 16 GB HBM2 (16160 MiB)
+    "V100-32GB": 31.7,  # 32 GB HBM2 (32510 MiB)
+    "A100": 40.0,  # 40 GB HBM2 (40960 MiB)
+    "A100-80GB": 80.0,  # 80 GB HBM2e (81920 MiB)
+    "H100": 79.6,  # 80 GB HBM3 (81559 MiB)
+    "H100-MEGA": 79.6,
+    "H200": 140.4,  # 141 GB HBM3e (143771 MiB)
+    "GH200": 95.6,  # 96 GB HBM3 (97871 MiB)
+    "B200": 179.1,  # 180 GB HBM3e per GPU of an HGX B200 (183359 MiB)
+    "A6000": 48.0,  # 48 GB GDDR6 (49140 MiB)
+    "RTX6000": 23.7,  # Quadro RTX 6000, 24 GB GDDR6 (24220 MiB)
+    "L40S": 45.0,  # 48 GB GDDR6 (46068 MiB)
+    "L40": 45.0,
+    "P100": 15.9,  # 16 GB HBM2 (16280 MiB)
+    "P4": 7.4,  # 8 GB GDDR5 (7611 MiB)
+    "K80": 11.2,  # 12 GB GDDR5 per GPU of the 2-GPU board (11441 MiB)
+}
+
+
+def gpu_memory_gib(name: str | None) -> float | None:
+    """Memory of one GPU named as the catalog names it; None for a CPU node, a TPU or an unknown name."""
+    if name is None:
+        return None
+    folded = {k.lower(): v for k, v in GPU_MEMORY_GIB.items()}
+    return folded.get(name.lower())
 
 
 def tpu_chips(name: str) -> tuple[str, int] | None:

@@ -1,9 +1,11 @@
 """Workload -> duration -> cost: what a spec costs to COMPLETE on an offer, and which offer to pick.
 
 Per step: tokens processed x FLOPs per token (6N to train, 2N forward, 2N_teacher + 6N_student to
-distill) / (peak FLOP/s of the nodes x efficiency) + 5 s fixed. Around the steps: provisioning
-(0 local, 180 s on-demand, 300 s spot), setup (120 s on a cloud), and the hub download of an
-``hf`` model (2 bytes/param at 200 MB/s). Efficiency defaults to 0.35; finished runs calibrate it.
+distill) / (peak FLOP/s of the nodes x efficiency) + 5 s fixed, plus the automatic evaluation the
+runner makes of every step's output (generated tokens at least ``DECODE_S_PER_TOKEN`` each). Around
+the steps: provisioning (start-up and the baseline evaluation locally, 180 s on-demand, 300 s spot),
+setup (120 s on a cloud), the hub download of an ``hf`` model (2 bytes/param at 200 MB/s), and the
+stop reserve (``meter.stop_margin_s``). Efficiency defaults to 0.35; finished runs calibrate it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from optjob.specs.steps import (
     TrainStep,
 )
 
+from ..meter import stop_margin_s
 from .accelerators import KNOWN_MODELS, known, node_peak_flops
 from .calibration import calibrated_efficiency
 from .offers import Offer, PlanChoice, choose
@@ -40,6 +43,9 @@ SETUP_S = 120.0
 STEP_FIXED_S = 5.0
 #: Per-step fixed cost on this machine (save the model, write done.json): about 0.5 s measured.
 LOCAL_STEP_FIXED_S = 0.5
+#: A generated token is one forward call of its own: at least this long, whatever its FLOPs
+#: (kernel launches and Python per call; measured about 3-5 ms a token for small models here).
+DECODE_S_PER_TOKEN = 0.003
 DOWNLOAD_BYTES_PER_S = 200e6
 BYTES_PER_PARAM = 2  # hub checkpoints are mostly bf16/fp16 safetensors
 
@@ -73,12 +79,17 @@ class Estimate:
     ondemand_usd: float | None = None
 
 def overhead_seconds(spec: JobSpec, offer: Offer, *, spot: bool | None = None) -> float:
-    """Provisioning + setup + model download; every step also pays :data:`STEP_FIXED_S`."""
+    """Provisioning + setup + model download + the stop reserve; every step also pays
+    :data:`STEP_FIXED_S`.
+
+    The stop reserve is budget a run can never spend on its steps: the workload's deadline sits
+    that far before the cap (one checkpoint write and the provider's teardown margin,
+    ``meter.stop_margin_s``), so a plan that fits only without it would be stopped short."""
     spot = offer.spot if spot is None else spot
     if offer.cloud == "local":
-        fixed = PROVISION_S["local"]
+        fixed = PROVISION_S["local"] + stop_margin_s("local", None)
     else:
-        fixed = PROVISION_S["spot" if spot else "ondemand"] + SETUP_S
+        fixed = PROVISION_S["spot" if spot else "ondemand"] + SETUP_S + stop_margin_s("skypilot", None)
     if spec.model.hf is not None:
         fixed += model_params(spec.model)[0] * BYTES_PER_PARAM / DOWNLOAD_BYTES_PER_S
     return fixed
@@ -129,7 +140,7 @@ def estimate(spec: JobSpec, offer: Offer, *, efficiency: float = DEFAULT_EFFICIE
 def _step(w: StepWork, offer: Offer, nodes: int, efficiency: float) -> StepEstimate:
     peak = node_peak_flops(offer.accelerator_name, offer.accelerator_count, w.precision) * nodes
     fixed = LOCAL_STEP_FIXED_S if offer.cloud == "local" else STEP_FIXED_S
-    seconds = w.flops / (peak * efficiency) + fixed
+    seconds = w.flops / (peak * efficiency) + fixed + w.floor_s
     return StepEstimate(w.index, w.kind, w.tokens, w.flops, seconds)
 
 
@@ -156,6 +167,8 @@ class StepWork:
     tokens: int
     flops: float
     precision: str
+    #: Seconds no FLOP count explains: generated tokens are one sequential forward call each.
+    floor_s: float = 0.0
 
 
 def model_params(model: ModelSpec) -> tuple[int, int | None, str | None]:
@@ -169,8 +182,21 @@ def model_params(model: ModelSpec) -> tuple[int, int | None, str | None]:
         return model.params, layers, None
     if params is not None:
         return params, layers, None
+    if model.path is not None:  # a local folder: its config.json says
+        from .memory import config_shape
+
+        shape = config_shape(model.path)
+        if shape is not None:
+            return shape.params, shape.layers, None
     what = model.hf or model.path
     return ASSUMED_PARAMS, None, f"param count unknown for {what}: assumed 1B (set model.params)"
+
+
+def train_flops_per_param(step: TrainOptions) -> float:
+    """Training FLOPs per token per parameter: forward 2 + backward 4; an adapter's frozen weights
+    need no weight gradients (backward 2); gradient checkpointing runs the forward again (+2)."""
+    adapter = getattr(step, "adapter", None)
+    return (4.0 if adapter is not None else 6.0) + (2.0 if step.gradient_checkpointing else 0.0)
 
 
 def corpus_tokens(data: DataSpec) -> tuple[int, str | None]:
@@ -232,6 +258,7 @@ def workload(spec: JobSpec) -> tuple[list[StepWork], int, list[str]]:
         notes.append(cnote)
     eval_tokens = max(seq, int(corpus * spec.data.eval_fraction))
     steps: list[StepBase] = spec.pipeline
+    auto_eval = AUTO_EVALUATE
     precision = "fp32"
     out: list[StepWork] = []
     for i, step in enumerate(steps):
@@ -239,17 +266,17 @@ def workload(spec: JobSpec) -> tuple[list[StepWork], int, list[str]]:
         if isinstance(step, TrainStep):
             precision = step.precision
             train, ev = step.tokens(seq), _periodic_eval(step, seq, eval_tokens)
-            tokens, flops = train + ev, 6.0 * n * train + 2.0 * n * ev
+            tokens, flops = train + ev, train_flops_per_param(step) * n * train + 2.0 * n * ev
         elif isinstance(step, DistillStep):
             precision = step.precision
             teacher = n
             n, layers, arch = _student(step, n, layers, arch, notes)
             train, ev = step.tokens(seq), _periodic_eval(step, seq, eval_tokens)
-            tokens, flops = train + ev, (2.0 * teacher + 6.0 * n) * train + 2.0 * n * ev
+            tokens, flops = train + ev, (2.0 * teacher + train_flops_per_param(step) * n) * train + 2.0 * n * ev
         elif isinstance(step, HpoStep):
             nxt = next((s for s in steps[i + 1:] if isinstance(s, (TrainStep, DistillStep))), None)
             if nxt is not None:
-                per_token = 6.0 * n
+                per_token = train_flops_per_param(nxt) * n
                 if isinstance(nxt, DistillStep):
                     per_token = 2.0 * n + 6.0 * _student(nxt, n, layers, arch, [])[0]
                 tokens = step.trials * step.trial_steps * nxt.batch_size * nxt.grad_accum * seq
@@ -262,11 +289,27 @@ def workload(spec: JobSpec) -> tuple[list[StepWork], int, list[str]]:
             tokens = step.recover_steps * step.batch_size * seq
             flops = 6.0 * n * tokens
         elif isinstance(step, EvaluateStep):
-            tokens = eval_tokens
-            if step.max_batches is not None:
-                tokens = min(tokens, step.max_batches * step.batch_size * seq)
-            if "latency" in step.metrics:
-                tokens += step.latency_repeats * step.generate_tokens
-            flops = 2.0 * n * tokens
-        out.append(StepWork(i, step.kind, tokens, flops, precision))
+            tokens, flops, floor = evaluation_work(step, n, seq, eval_tokens)
+            out.append(StepWork(i, step.kind, tokens, flops, precision, floor))
+            continue
+        if step.kind != "hpo":  # the runner measures every other step's output: the automatic evaluation
+            ev_tokens, ev_flops, floor = evaluation_work(auto_eval, n, seq, eval_tokens)
+            tokens, flops = tokens + ev_tokens, flops + ev_flops
+        else:
+            floor = 0.0
+        out.append(StepWork(i, step.kind, tokens, flops, precision, floor))
     return out, start, notes
+
+
+#: What the runner evaluates after every step and before the first (``steps.runner``'s default).
+AUTO_EVALUATE = EvaluateStep()
+
+
+def evaluation_work(step: EvaluateStep, n: int, seq: int, eval_tokens: int) -> tuple[int, float, float]:
+    """(tokens, FLOPs, floor seconds) of one evaluation of a model of ``n`` parameters."""
+    tokens = 0
+    if {"perplexity", "accuracy"} & set(step.metrics):
+        tokens = eval_tokens if step.max_batches is None else min(eval_tokens, step.max_batches * step.batch_size * seq)
+    generated = step.latency_repeats * step.generate_tokens if "latency" in step.metrics else 0
+    tokens += generated
+    return tokens, 2.0 * n * tokens, generated * DECODE_S_PER_TOKEN

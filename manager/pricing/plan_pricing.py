@@ -44,7 +44,8 @@ def live_spot(offers: list[Any], notes: list[str]) -> list[Any]:
 
 def price_plan(spec: JobSpec, plan: Plan) -> Plan:
     from .estimate import plan_offers
-    from .offers import find_offers
+    from .memory import fit_offers
+    from .offers import PlanChoice, find_offers
     from .sources import current_catalog
 
     resources = spec.resources
@@ -57,12 +58,17 @@ def price_plan(spec: JobSpec, plan: Plan) -> Plan:
     live_notes: list[str] = []
     if not plan.local:
         offers = live_spot(offers, live_notes)
-    estimates, choice = plan_offers(spec, offers, calibration=calibration_records())
+    # Offers whose GPUs cannot hold the largest step (or that have no CUDA GPU for QLoRA) are dropped.
+    fit = fit_offers(spec, offers, local=plan.local)
+    estimates, choice = plan_offers(spec, fit.kept, calibration=calibration_records())
+    if fit.reason is not None:
+        choice = PlanChoice(None, None, False, 0.0, fit.reason)
     rows = sorted(
         (OfferPlan(cloud=e.offer.cloud, region=e.offer.region or None, instance_type=e.offer.instance_type or None,
                    accelerators=e.offer.accelerators, spot=e.offer.spot, hourly_usd=e.offer.hourly_usd,
                    est_hours=round(e.total_hours, 6), est_usd=round(e.total_usd, 6),
-                   ondemand_usd=round(e.ondemand_usd, 6) if e.offer.spot and e.ondemand_usd else None)
+                   ondemand_usd=round(e.ondemand_usd, 6) if e.offer.spot and e.ondemand_usd else None,
+                   memory_gb=fit.of(e.offer)[0], gpu_memory_gb=fit.of(e.offer)[1])
          for e in estimates),
         key=lambda o: (o.est_usd, o.est_hours),
     )
@@ -79,7 +85,7 @@ def price_plan(spec: JobSpec, plan: Plan) -> Plan:
         steps = tuple(replace(s, est_seconds=by_index[s.index].seconds if s.index in by_index else None,
                               tokens=by_index[s.index].tokens if s.index in by_index else s.tokens)
                       for s in plan.steps)
-    notes = tuple(dict.fromkeys([*live_notes, *(est.notes if est else []),
+    notes = tuple(dict.fromkeys([*live_notes, *fit.notes, *(est.notes if est else []),
                                  *([] if choice.fits else [choice.reason])]))
     budget = replace(plan.budget, fits=choice.fits, over_by_usd=round(choice.over_by_usd, 6), reason=choice.reason)
     return replace(plan, offers=tuple(rows), chosen=chosen, steps=steps, budget=budget, notes=notes,

@@ -6,16 +6,23 @@ import sqlite3
 from dataclasses import replace
 
 import pytest
+from optjob.manager.meter import stop_margin_s
 from optjob.manager.pricing.calibration import RunRecord, calibrated_efficiency
-from optjob.manager.pricing.estimate import PROVISION_S, estimate, plan_offers, workload
+from optjob.manager.pricing.estimate import DECODE_S_PER_TOKEN, PROVISION_S, estimate, plan_offers, workload
 from optjob.manager.pricing.offers import Offer, choose, find_offers
 from optjob.specs import loads_spec
 from optjob.specs.job import JobSpec
 from optjob.specs.model import ModelInit
 
 A100 = Offer("aws", "us-east-1", None, "x.a100", "A100:1", "A100", 1, False, 4.0, 12, 85)
-OVERHEAD_ONDEMAND = 180 + 120
-OVERHEAD_SPOT = 300 + 120
+#: Provisioning + setup + the stop reserve (a checkpoint write and SkyPilot's teardown margin).
+RESERVE = stop_margin_s("skypilot", None)
+OVERHEAD_ONDEMAND = 180 + 120 + RESERVE
+OVERHEAD_SPOT = 300 + 120 + RESERVE
+#: The automatic evaluation after a step (the runner's default): the eval split of the builtin
+#: corpus at seq 128 (5% of 1.8M chars at 4 chars a token) and 5 x 32 generated tokens.
+AUTO_TOKENS = int(1_800_000 / 4 * 0.05) + 5 * 32
+AUTO_FLOOR_S = 5 * 32 * DECODE_S_PER_TOKEN
 
 
 def _spec(body: str) -> JobSpec:
@@ -34,11 +41,11 @@ resources: {cloud: aws, accelerators: A100:1}
 def test_arithmetic_on_known_inputs() -> None:
     est = estimate(_spec(SMALL), A100, efficiency=0.5)
     tokens = 100 * 8 * 128
-    flops = 6 * 1_000_000 * tokens
-    step_s = flops / (312e12 * 0.5) + 5
+    flops = 6 * 1_000_000 * tokens + 2 * 1_000_000 * AUTO_TOKENS
+    step_s = flops / (312e12 * 0.5) + 5 + AUTO_FLOOR_S
     assert tokens == 102_400
     [(index, kind, got_tokens, got_flops, got_s)] = est.steps
-    assert (index, kind, got_tokens) == (0, "train", tokens)
+    assert (index, kind, got_tokens) == (0, "train", tokens + AUTO_TOKENS)
     assert got_flops == pytest.approx(flops) and got_s == pytest.approx(step_s)
     total_s = step_s + OVERHEAD_ONDEMAND
     assert est.total_hours == pytest.approx(total_s / 3600)
@@ -52,7 +59,7 @@ def test_spot_nodes_and_on_demand_fallback() -> None:
     spec = _spec(body + "storage: {artifacts: s3://my-bucket/p}\n")
     spot = replace(A100, spot=True, hourly_usd=1.0, ondemand_hourly_usd=4.0)
     est = estimate(spec, spot, efficiency=0.5)
-    step_s = 6e6 * 102_400 / (312e12 * 0.5 * 2) + 5
+    step_s = (6e6 * 102_400 + 2e6 * AUTO_TOKENS) / (312e12 * 0.5 * 2) + 5 + AUTO_FLOOR_S
     assert est.total_hours == pytest.approx((step_s + OVERHEAD_SPOT) / 3600)
     assert est.total_usd == pytest.approx((step_s + OVERHEAD_SPOT) / 3600 * 1.0 * 2)
     assert est.ondemand_usd == pytest.approx((step_s + OVERHEAD_ONDEMAND) / 3600 * 4.0 * 2)
@@ -60,7 +67,8 @@ def test_spot_nodes_and_on_demand_fallback() -> None:
 
 def test_fp32_uses_the_fp32_peak() -> None:
     est = estimate(_spec(SMALL.replace("precision: bf16", "precision: fp32")), A100, efficiency=0.5)
-    assert est.steps[0].seconds == pytest.approx(6e6 * 102_400 / (19.5e12 * 0.5) + 5)
+    assert est.steps[0].seconds == pytest.approx((6e6 * 102_400 + 2e6 * AUTO_TOKENS) / (19.5e12 * 0.5) + 5
+                                                 + AUTO_FLOOR_S)
 
 
 PIPELINE = """
@@ -84,25 +92,28 @@ def test_every_step_kind_and_the_shrinking_model() -> None:
     n2 = base.model_copy(update={"intermediate": 384}).approx_params()
     n3 = base.model_copy(update={"intermediate": 384, "layers": 2}).approx_params()
     assert n1 > n2 > n3
+    auto = int(1_800_000 / 4 * 0.05) + 5 * 32  # the automatic evaluation after a step, at seq 64
     want = [
-        ("hpo", 3 * 10 * 4 * 2 * 64, 6 * n1 * 15_360),
-        ("train", 10_240 + 1_024, 6 * n1 * 10_240 + 2 * n1 * 1_024),  # 2 evals x 2 batches x 4 x 64
-        ("prune", 5 * 4 * 64, 6 * n2 * 1_280),
-        ("distill", 10 * 4 * 64, (2 * n2 + 6 * n3) * 2_560),
-        ("quantize", 0, 0),
-        ("evaluate", 3 * 8 * 64 + 5 * 32, 2 * n3 * 1_696),  # capped eval split + latency tokens
+        ("hpo", 3 * 10 * 4 * 2 * 64, 6 * n1 * 15_360, 0.0),  # trials are scored inside the search
+        ("train", 10_240 + 1_024 + auto, 6 * n1 * 10_240 + 2 * n1 * (1_024 + auto), AUTO_FLOOR_S),
+        ("prune", 5 * 4 * 64 + auto, 6 * n2 * 1_280 + 2 * n2 * auto, AUTO_FLOOR_S),
+        ("distill", 10 * 4 * 64 + auto, (2 * n2 + 6 * n3) * 2_560 + 2 * n3 * auto, AUTO_FLOOR_S),
+        ("quantize", auto, 2 * n3 * auto, AUTO_FLOOR_S),
+        ("evaluate", 3 * 8 * 64 + 5 * 32, 2 * n3 * 1_696, AUTO_FLOOR_S),  # capped eval split + latency tokens
     ]
     spec = _spec(PIPELINE)
     work, params, notes = workload(spec)
     assert params == n1 and notes == []
-    expected = [(k, t, pytest.approx(f)) for k, t, f in want]
+    expected = [(k, t, pytest.approx(f)) for k, t, f, _ in want]
     assert [(w.kind, w.tokens, w.flops) for w in work] == expected
     [local] = find_offers(spec.resources)
     est = estimate(spec, local, efficiency=0.25)
-    for step, (_, _, f) in zip(est.steps, want, strict=True):
-        assert step.seconds == pytest.approx(f / (0.5e12 * 0.25) + 0.5)  # CPU: 0.5 TFLOP/s; 0.5 s fixed locally
-    total = sum(s.seconds for s in est.steps) + PROVISION_S["local"]  # local: the workload's start-up, no provisioning
-    assert est.overhead_seconds == PROVISION_S["local"]  # no provisioning, no download
+    for step, (_, _, f, floor) in zip(est.steps, want, strict=True):
+        # CPU: 0.5 TFLOP/s; 0.5 s fixed locally; generated tokens at least DECODE_S_PER_TOKEN each
+        assert step.seconds == pytest.approx(f / (0.5e12 * 0.25) + 0.5 + floor)
+    overhead = PROVISION_S["local"] + stop_margin_s("local", None)  # start-up and the stop reserve
+    assert est.overhead_seconds == pytest.approx(overhead)  # no provisioning, no download
+    total = sum(s.seconds for s in est.steps) + overhead
     assert est.total_usd == pytest.approx(total / 3600 * 0.1)
 
 
@@ -193,7 +204,8 @@ def test_calibration_median_within_the_size_bucket() -> None:
     assert calibrated_efficiency(cpu, n, "cpu") == (pytest.approx(0.1), 1)
     est = estimate(_spec(SMALL), A100, calibration=records)
     assert (est.efficiency, est.calibrated_runs) == (pytest.approx(0.3), 3)
-    assert est.steps[0].seconds == pytest.approx(6e6 * 102_400 / (312e12 * 0.3) + 5)
+    assert est.steps[0].seconds == pytest.approx((6e6 * 102_400 + 2e6 * AUTO_TOKENS) / (312e12 * 0.3) + 5
+                                                 + AUTO_FLOOR_S)
     assert any("calibrated" in note for note in est.notes)
 
 
