@@ -31,22 +31,44 @@ def cli(debug: bool) -> None:
     """
 
 
+def _layer_options(f: Any) -> Any:
+    """``--set PATH=VALUE`` (repeatable) and ``--name``: what goes over a spec file."""
+    f = click.option("--name", "job_name", metavar="NAME", help="The job's name, instead of the spec's.")(f)
+    return click.option("--set", "sets", multiple=True, metavar="PATH=VALUE",
+                        help="Override one field, e.g. --set budget.max_usd=5 --set steps.0.train.max_steps=100 "
+                             "(VALUE is YAML; repeatable).")(f)
+
+
 @cli.command()
 @click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
-def validate(specs: tuple[str, ...]) -> None:
-    """Check spec files; print every problem with its file:line:column."""
-    from optjob.specs import SpecError, load_spec
+@_layer_options
+def validate(specs: tuple[str, ...], sets: tuple[str, ...], job_name: str | None) -> None:
+    """Check spec files; print every problem with its file:line:column.
 
+    Each spec is checked as plan and apply would read it: with --set/--name over it and the user
+    config ($OPTJOB_HOME/config.yaml) under it."""
+    from optjob.specs import SpecError
+    from optjob.specs.loader import load_layered
+
+    from .user_config import spec_layers
+
+    if job_name is not None and len(specs) > 1:
+        from optjob.specs.errors import UsageError
+
+        raise UsageError("--name names one job: give one SPEC")
     failed = []
     for path in specs:
         try:
-            spec = load_spec(path)
+            loaded = load_layered(path, spec_layers(sets, job_name))
         except SpecError as exc:
             failed.append(exc)
             for line in exc.errors:
                 _error_line(line)
             continue
+        spec = loaded.spec
         click.echo(f"ok: {path} ({spec.name}, {len(spec.steps)} steps)")
+        for line in loaded.describe():
+            click.echo(f"  {line}")
     if failed:
         raise SystemExit(2)
 
@@ -65,11 +87,13 @@ def schema() -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--local", is_flag=True, help="Plan to run on this machine, whatever resources.cloud says.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(spec: str, local: bool, as_json: bool) -> None:
+@click.option("--sky-task", is_flag=True, help="Print the SkyPilot task YAML apply would launch (secrets left out).")
+@_layer_options
+def plan(spec: str, local: bool, as_json: bool, sky_task: bool, sets: tuple[str, ...], job_name: str | None) -> None:
     """Show what apply would do: resources, steps, cost to complete, budget."""
     from .commands.plan import plan_command
 
-    plan_command(spec, local=local, as_json=as_json)
+    plan_command(spec, local=local, as_json=as_json, sets=sets, name=job_name, sky_task=sky_task)
 
 
 @cli.command()
@@ -82,13 +106,14 @@ def plan(spec: str, local: bool, as_json: bool) -> None:
 @click.option("--simulate-preemption", "kills", type=click.IntRange(0, 100), default=0, metavar="N",
               help="Local rehearsal: SIGKILL the workload N times at random points and resume, as spot would.")
 @click.option("--preemption-seed", type=int, default=0, show_default=True, help="Seed for the kill points.")
+@_layer_options
 def apply(spec: str, local: bool, dry_run: bool, yes: bool, detach: bool, as_json: bool, kills: int,
-          preemption_seed: int) -> None:
+          preemption_seed: int, sets: tuple[str, ...], job_name: str | None) -> None:
     """Validate, plan, provision, run every step, tear down, report."""
     from .commands.apply import apply_command
 
     apply_command(spec, local=local, dry_run=dry_run, yes=yes, detach=detach, as_json=as_json,
-                  kills=kills, preemption_seed=preemption_seed)
+                  kills=kills, preemption_seed=preemption_seed, sets=sets, name=job_name)
 
 
 @cli.command()
@@ -117,11 +142,14 @@ def list_(as_json: bool) -> None:
 @cli.command()
 @click.argument("name")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
-def logs(name: str, follow: bool) -> None:
-    """Print a job's workload output, every attempt in order."""
+@click.option("--attempt", type=click.IntRange(1), metavar="N", help="Only attempt N.")
+@click.option("--tail", type=click.IntRange(1), metavar="N", help="Start with the last N lines.")
+@click.option("--json", "as_json", is_flag=True, help="The raw lines, events as the workload wrote them.")
+def logs(name: str, follow: bool, attempt: int | None, tail: int | None, as_json: bool) -> None:
+    """Print a job's workload output, every attempt in order, events as readable lines."""
     from .commands.logs import logs_command
 
-    logs_command(name, follow=follow)
+    logs_command(name, follow=follow, attempt=attempt, tail=tail, as_json=as_json)
 
 
 @cli.command()
@@ -188,12 +216,14 @@ def prices_refresh() -> None:
 
 @cli.command()
 @click.argument("name", required=False)
+@click.option("--since", metavar="SPAN", help="Only attempts that ran in the last SPAN (7d, 24h, 30m) or since a "
+                                             "date (2026-01-31).")
 @click.option("--json", "as_json", is_flag=True)
-def cost(name: str | None, as_json: bool) -> None:
-    """Spend per job and per attempt, beside the estimate."""
+def cost(name: str | None, since: str | None, as_json: bool) -> None:
+    """Spend per attempt (launched when, where), per cloud and accelerator, per job beside the estimate."""
     from .commands.cost import cost_command
 
-    cost_command(name, as_json)
+    cost_command(name, as_json, since=since)
 
 
 def _error_line(message: str) -> None:

@@ -50,8 +50,7 @@ class LiveReporter:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float)))
             self.progress.console.print(f"  {index}:{step_kind} {shown}")
         elif kind == "trial":
-            self.progress.console.print(f"  trial {e.get('number')}: {e.get('value')} {e.get('params')} "
-                                        f"({e.get('state')})")
+            self.progress.console.print(f"  {trial_text(e)}")
         elif kind == "step_done":
             task = self._task(index, step_kind)
             total = self.progress.tasks[task].total or 1
@@ -59,6 +58,8 @@ class LiveReporter:
                                  + (" (skipped, already done)" if e.get("skipped") else ""))
             if not self.console.is_terminal:
                 self.console.print(f"  {index}:{step_kind} done in {e.get('wall_s', 0):.1f}s")
+            if step_kind == "hpo" and (best := hpo_best_text(e, self.plan)):
+                self.progress.console.print(f"  {best}")
         elif kind == "stopped":
             self.progress.console.print(f"[yellow]stopped ({e.get('reason')}) at step {e.get('step')}[/yellow]")
         elif kind == "error":
@@ -66,3 +67,37 @@ class LiveReporter:
 
     def close(self) -> None:
         self.progress.stop()
+
+
+def num(v: Any) -> str:
+    """A number as a person reads it: 4 significant digits (``0.008459``, ``5.393``), ints whole."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return str(v) if isinstance(v, int) else f"{v:.4g}"
+
+
+def trial_text(e: dict[str, Any]) -> str:
+    """``trial 2: 5.393 (train.lr=0.008459, train.batch_size=16) complete``."""
+    value = e.get("value")
+    params = ", ".join(f"{k}={num(v)}" for k, v in (e.get("params") or {}).items())
+    shown = num(value) if isinstance(value, (int, float)) else "-"
+    return f"trial {e.get('number')}: {shown}" + (f" ({params})" if params else "") + \
+        (f" {e.get('state')}" if e.get("state") else "")
+
+
+def hpo_best_text(e: dict[str, Any], plan: Plan | None = None) -> str | None:
+    """What an hpo step's ``step_done`` hands on: ``best trial 3 (eval_loss 5.101): step 1:train
+    uses train.lr=0.008459``. The best values are its metrics ``best.KEY``."""
+    m = e.get("metrics") or {}
+    best = {k[len("best."):]: v for k, v in m.items() if isinstance(k, str) and k.startswith("best.")}
+    if not best:
+        return None
+    index = e.get("index")
+    target = None
+    if plan is not None and isinstance(index, int):
+        target = next((s for s in plan.steps if s.index > index and s.kind != "evaluate"), None)
+    head = f"{index}:hpo best trial {m.get('best_trial', '?')}"
+    if isinstance(m.get("best_value"), (int, float)):
+        head += f" ({m.get('metric') or 'value'} {num(m['best_value'])})"
+    uses = ", ".join(f"{k}={num(v)}" for k, v in best.items())
+    return f"{head}: " + (f"step {target.index}:{target.kind} uses {uses}" if target else f"uses {uses}")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from optjob.specs import JobSpec
 from optjob.specs.steps import (
+    Calibration,
     DistillStep,
     EvaluateStep,
     HpoStep,
@@ -21,28 +22,62 @@ from optjob.specs.steps import (
 from .plan import BudgetPlan, OfferPlan, Plan, ResourcesPlan, StepPlan
 
 
-def summarize_step(step: StepBase, seq_len: int) -> tuple[str, int | None]:
-    """One line saying what a step will do, and the tokens it processes."""
+def tuned_by_hpo(pipeline: list[StepBase]) -> dict[int, tuple[int, list[str]]]:
+    """{index of a train/distill step: (index of the hpo step that sets its values, the fields it
+    sets)}: ``train.lr`` -> ``lr``, ``model.init.layers`` stays whole."""
+    out: dict[int, tuple[int, list[str]]] = {}
+    for h, step in enumerate(pipeline):
+        if isinstance(step, HpoStep):
+            j = next((j for j in range(h + 1, len(pipeline)) if not isinstance(pipeline[j], EvaluateStep)), None)
+            if j is not None:
+                out[j] = (h, [k if k.startswith("model.init.") else k.partition(".")[2] for k in step.space])
+    return out
+
+
+def summarize_step(step: StepBase, seq_len: int, tuned: tuple[int, list[str]] | None = None
+                   ) -> tuple[str, int | None]:
+    """One line saying what a step will do, and the tokens it processes. ``tuned``: the hpo step
+    before it and the fields that one will set (shown as such, not as the spec's fixed values)."""
+    by, fields = tuned if tuned else (None, [])
+
+    def val(field: str, label: str, fixed: str) -> str:
+        return f"{label} from hpo (step {by})" if field in fields else fixed
+
+    rest = [f for f in fields if f not in ("max_steps", "lr", "batch_size", "temperature", "alpha")]
+    sets = f"; hpo (step {by}) also sets {', '.join(rest)}" if rest else ""
     if isinstance(step, DistillStep):
         s = step.student.model_dump(exclude_none=True)
-        return (f"{step.max_steps} steps into student {s or 'same shape'} (init {step.init}, "
-                f"T={step.temperature}, alpha={step.alpha})", step.tokens(seq_len))
+        shape = ", ".join(f"{k} {v}" for k, v in s.items()) or "same shape"
+        return (f"{val('max_steps', 'steps', f'{step.max_steps} steps')} into a student of {shape} "
+                f"(init {step.init}, {val('temperature', 'T', f'T={step.temperature}')}, "
+                f"{val('alpha', 'alpha', f'alpha={step.alpha}')}){sets}", step.tokens(seq_len))
     if isinstance(step, TrainOptions):
-        return (f"{step.max_steps} steps, lr {step.lr:g}, batch {step.batch_size}x{step.grad_accum}, "
-                f"{step.optimizer}/{step.schedule}, {step.precision}", step.tokens(seq_len))
+        return (f"{val('max_steps', 'steps', f'{step.max_steps} steps')}, {val('lr', 'lr', f'lr {step.lr:g}')}, "
+                f"{val('batch_size', 'batch', f'batch {step.batch_size}')}x{step.grad_accum}, "
+                f"{step.optimizer}/{step.schedule}, {step.precision}{sets}", step.tokens(seq_len))
     if isinstance(step, HpoStep):
         return (f"{step.trials} trials x {step.trial_steps} steps, {step.sampler}, {step.direction} "
                 f"{step.metric} over {', '.join(step.space)}", None)
     if isinstance(step, PruneStep):
-        what = (f"magnitude {step.sparsity:.0%}" if step.method == "magnitude"
-                else f"structured mlp {step.mlp_fraction:.0%} heads {step.heads_fraction:.0%}")
+        if step.method == "structured":
+            what = f"structured mlp {step.mlp_fraction:.0%} heads {step.heads_fraction:.0%}"
+        else:
+            what = f"{step.method} " + (step.pattern if step.pattern != "unstructured" else f"{step.sparsity:.0%}")
+        calib = _calibration(step.calibration, seq_len) if step.method in ("wanda", "sparsegpt") else ""
         rec = f", {step.recover_steps} recovery steps" if step.recover_steps else ""
-        return what + rec, step.recover_steps * step.batch_size * seq_len or None
+        return what + calib + rec, step.recover_steps * step.batch_size * seq_len or None
     if isinstance(step, QuantizeStep):
+        if step.method in ("gptq", "rtn"):
+            calib = _calibration(step.calibration, seq_len) if step.method == "gptq" else ""
+            return f"{step.method} int{step.bits} group {step.group_size}{calib}", None
         return step.method, None
     if isinstance(step, EvaluateStep):
         return ", ".join(step.metrics), None
     return step.kind, None
+
+
+def _calibration(cal: Calibration, seq_len: int) -> str:
+    return f", calibrated on {cal.samples} x {cal.seq_len or seq_len} tokens"
 
 
 def resources_summary(spec: JobSpec, local: bool) -> ResourcesPlan:
@@ -63,13 +98,22 @@ def make_plan(spec: JobSpec, spec_path: str | Path | None = None, *, local: bool
     from .pricing.plan_pricing import price_plan  # the catalog reader; plain Python, no sky
 
     local = local or dry_run or spec.resources.cloud == "local"
+    if not dry_run:
+        import os
+
+        from optjob.providers.sky_task import check_outputs_kept, require_secrets
+
+        require_secrets(spec, os.environ)  # a secret the launch would lack: one line now, not on the node
+        if not local:
+            check_outputs_kept(spec)
     warnings: list[str] = []
     if local and spec.resources.cloud != "local" and not dry_run:
         warnings.append(f"--local: running on this machine, ignoring resources.cloud={spec.resources.cloud}"
                         + (" and its accelerators" if spec.resources.accelerators else ""))
     steps = []
+    tuned = tuned_by_hpo(spec.pipeline)
     for i, step in enumerate(spec.pipeline):
-        summary, tokens = summarize_step(step, spec.data.seq_len)
+        summary, tokens = summarize_step(step, spec.data.seq_len, tuned.get(i))
         steps.append(StepPlan(i, step.kind, summary, tokens))
     base = Plan(
         name=spec.name, spec_path=str(spec_path) if spec_path else None,

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import functools
+import re
 import types
 import typing
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from .base import StrictModel
 from .data import DataSpec
+from .integrations import NotifySpec, TrackingSpec
 from .model import ModelInit, ModelSpec
-from .resources import BudgetSpec, ResourcesSpec, StorageSpec, Teardown
+from .resources import BudgetSpec, ResourcesSpec, StorageSpec, Teardown, storage_example
 from .steps import (
+    ADAPTER_SEARCH_FIELDS,
     STEP_TYPES,
+    AdapterSpec,
     DistillStep,
     Distribution,
     EvaluateStep,
@@ -59,6 +63,46 @@ class JobSpec(StrictModel):
     """When to release resources: always, on_success, or never."""
     storage: StorageSpec = Field(default_factory=StorageSpec)
     """Where checkpoints and artifacts go."""
+    notify: NotifySpec | None = None
+    """A webhook to POST a JSON summary to when the job ends (succeeded, failed, stopped at its cap)."""
+    tracking: TrackingSpec | None = None
+    """An MLflow tracking server to log every step's metrics and the report to."""
+    env: dict[str, str] = Field(default_factory=dict, max_length=256)
+    """Plain environment variables for the workload on the node, e.g.
+    ``{PYTORCH_CUDA_ALLOC_CONF: expandable_segments:True}``; never a secret (the spec is stored): list
+    those under secrets."""
+    secrets: list[str] = Field(default_factory=list, max_length=64)
+    """Names of environment variables (e.g. HF_TOKEN, WANDB_API_KEY) whose values are taken from your environment at
+    launch and handed to the node through SkyPilot's secrets; their values are never stored."""
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_values(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # numbers and booleans are written as YAML reads them; the node gets text
+            return {k: (str(x).lower() if isinstance(x, bool) else str(x)) if isinstance(x, (bool, int, float)) else x
+                    for k, x in v.items()}
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            _check_env_name(name)
+            if secret_looking(name):
+                raise ValueError(f"{name} looks like a secret, and the spec is stored in plain text: list it under "
+                                 f"secrets: [{name}] and export it where you run optjob")
+            if "\x00" in value or len(value) > 8192:
+                raise ValueError(f"{name}: a value must be at most 8192 characters, without NUL")
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, v: list[str]) -> list[str]:
+        for name in v:
+            _check_env_name(name)
+        if len(set(v)) != len(v):
+            raise ValueError("a name is listed twice")
+        return v
 
     @property
     def pipeline(self) -> list[StepBase]:
@@ -71,10 +115,31 @@ class JobSpec(StrictModel):
         if self.resources.spot is not False and self.resources.cloud != "local" and not self.storage.is_remote:
             raise PathError(
                 ("storage", "artifacts"),
-                "spot cloud runs need storage.artifacts: s3://bucket/prefix, "
+                f"spot cloud runs need storage.artifacts: {storage_example(self.resources.cloud)}, "
                 "so a relaunched attempt can resume from its checkpoints",
             )
+        if both := sorted(set(self.env) & set(self.secrets)):
+            raise PathError(("env", both[0]), f"{both[0]} is in env and in secrets: keep it in secrets only")
         return self
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+#: Words that make a variable name look secret (whole ``_``-separated words: TOKENIZERS_PARALLELISM is not).
+_SECRET_WORDS = {"KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "PASS", "CREDENTIAL", "CREDENTIALS", "AUTH",
+                 "SESSION", "COOKIE", "PRIVATE", "APIKEY", "PAT", "SAS", "CONNECTION_STRING"}
+
+
+def secret_looking(name: str) -> bool:
+    """Whether an environment variable's name says it holds a secret (HF_TOKEN, WANDB_API_KEY, ...)."""
+    upper = name.upper()
+    return bool(set(upper.split("_")) & _SECRET_WORDS) or "CONNECTION_STRING" in upper or upper.endswith("APIKEY")
+
+
+def _check_env_name(name: str) -> None:
+    if not _ENV_NAME.match(name):
+        raise ValueError(f"{name!r} is not an environment variable name (letters, digits, _; not a digit first)")
+    if name.upper().startswith(("OPTJOB_", "SKYPILOT_")):
+        raise ValueError(f"{name}: OPTJOB_* and SKYPILOT_* variables are set by optjob and SkyPilot")
 
 
 def _loc(i: int, kind: str, *rest: str | int) -> tuple[str | int, ...]:
@@ -155,15 +220,25 @@ def _check_hpo(spec: JobSpec, steps: list[StepBase], i: int, step: HpoStep) -> N
                                        f"use one of {', '.join(HPO_ARCH_FIELDS)}")
             _check_space_values(where, ModelInit, parts[2], step.space[key])
             continue
+        if len(parts) == 3 and parts[:2] == ["train", "adapter"]:
+            if not isinstance(nxt, TrainStep) or nxt.adapter is None:
+                raise PathError(where, "train.adapter.* can only be searched when the train step after hpo "
+                                       "has an adapter")
+            if parts[2] not in ADAPTER_SEARCH_FIELDS:
+                raise PathError(where, f"train.adapter.{parts[2]} cannot be searched; "
+                                       f"use one of {', '.join(ADAPTER_SEARCH_FIELDS)}")
+            _check_space_values(where, AdapterSpec, parts[2], step.space[key])
+            continue
         if len(parts) == 2 and parts[0] in ("train", "distill"):
             if parts[0] != nxt.kind:
                 raise PathError(where, f"the step after hpo is {nxt.kind}, not {parts[0]}")
             fields = STEP_TYPES[parts[0]].model_fields
-            if parts[1] not in fields or parts[1] in ("early_stopping", "student", "betas"):
+            if parts[1] not in fields or parts[1] in ("early_stopping", "student", "betas", "adapter"):
                 raise PathError(where, f"{parts[0]} has no searchable field {parts[1]!r}")
             _check_space_values(where, STEP_TYPES[parts[0]], parts[1], step.space[key])
             continue
-        raise PathError(where, f"{key!r} names no field; use train.FIELD, distill.FIELD or model.init.FIELD")
+        raise PathError(where, f"{key!r} names no field; use train.FIELD, train.adapter.FIELD, distill.FIELD "
+                               "or model.init.FIELD")
 
 
 @functools.cache

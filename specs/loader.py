@@ -14,6 +14,7 @@ import re
 import stat
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
 
@@ -22,11 +23,14 @@ from pydantic import BaseModel, ValidationError
 
 from .errors import SpecError
 from .job import JobSpec, PathError
+from .layers import NULL, Layers, UserDefaults, assign, config_hint, merge_defaults, parse_path, split_set
 from .steps import STEP_TYPES
 
 MAX_BYTES = 1_000_000
 MAX_DEPTH = 64
 MAX_NODES = 100_000
+#: The longest ``--set`` value.
+MAX_SET_CHARS = 10_000
 Loc = tuple[str | int, ...]
 
 
@@ -55,10 +59,47 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
-def load_spec(path: str | os.PathLike[str]) -> JobSpec:
-    """Read and validate a spec file. Raises ``SpecError`` and nothing else."""
+# YAML 1.2 floats: `8.0e9` and `1e3` are numbers (YAML 1.1, PyYAML's, wants `8.0e+9`). An integer
+# field takes such a number when it is whole (`params: 8.0e9`, `max_steps: 1e3`).
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A spec and where its values came from besides its file."""
+
+    spec: JobSpec
+    #: The user config that filled some fields, and those fields with their values.
+    defaults_file: str | None = None
+    from_defaults: tuple[tuple[str, Any], ...] = ()
+    #: ``PATH=VALUE`` for each ``--set`` (and ``name=NAME`` for ``--name``), in order.
+    overrides: tuple[str, ...] = ()
+
+    def describe(self) -> list[str]:
+        """One line per layer, for ``plan``: which values did not come from the spec file."""
+        out = []
+        if self.from_defaults:
+            shown = ", ".join(f"{path}={value}" for path, value in self.from_defaults)
+            out.append(f"defaults from {self.defaults_file}: {shown}")
+        if self.overrides:
+            out.append(f"set on the command line: {', '.join(self.overrides)}")
+        return out
+
+
+def load_spec(path: str | os.PathLike[str], layers: Layers | None = None) -> JobSpec:
+    """Read and validate a spec file (with ``layers`` over and under it). Raises ``SpecError`` and
+    nothing else."""
+    return load_layered(path, layers).spec
+
+
+def load_layered(path: str | os.PathLike[str], layers: Layers | None = None) -> LoadedSpec:
+    """``load_spec``, saying which values came from the user config and the command line."""
     p = Path(path)
-    return loads_spec(read_user_file(p, what="spec"), source=str(p))
+    return _load(read_user_file(p, what="spec"), str(p), layers or Layers())
 
 
 def read_user_file(path: Path, *, what: str = "spec", limit: int = MAX_BYTES) -> bytes:
@@ -111,35 +152,161 @@ def _file_kind(mode: int) -> str:
     return "a special file"
 
 
-def loads_spec(text: str | bytes, source: str = "<spec>") -> JobSpec:
+def loads_spec(text: str | bytes, source: str = "<spec>", layers: Layers | None = None) -> JobSpec:
     """Validate a spec given as text. Raises ``SpecError`` and nothing else."""
+    return _load(text, source, layers or Layers()).spec
+
+
+def _load(text: str | bytes, source: str, layers: Layers) -> LoadedSpec:
     node, data = _parse(text, source)
+    filled: list[str] = []
+    overrides: list[str] = []
+    if layers:
+        # --set and --name first: with them the spec is what the user asked for, and the user
+        # config fills in only what that leaves out (its region only under its own cloud).
+        for item in layers.sets:
+            path, value = split_set(item)
+            label = f"--set {path}={value}"
+            node = assign(node, parse_path(path, label), _value_node(value, label), label,
+                          step_kinds=frozenset(STEP_TYPES))
+            overrides.append(f"{path}={value}")
+        if layers.name is not None:
+            label = f"--name {layers.name}"
+            mark = _mark(label)
+            node = assign(node, ["name"], yaml.ScalarNode("tag:yaml.org,2002:str", layers.name, mark, mark), label)
+            overrides.append(f"name={layers.name}")
+        if layers.defaults is not None and (under := _user_defaults(layers.defaults)) is not None:
+            assert isinstance(node, yaml.MappingNode)
+            node, filled = merge_defaults(node, under)
+        data = _construct(node, source)
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         lines = [_format(err, node, source) for err in exc.errors()]
         raise SpecError(lines[0], errors=lines) from None
     except RecursionError:
         raise SpecError(f"{source}: document is nested too deeply") from None
+    _check_data_files(spec, node, source)
+    return LoadedSpec(spec, str(layers.defaults) if filled else None,
+                      tuple((f, _value_at(data, f)) for f in filled), tuple(overrides))
 
 
-def _parse(text: str | bytes, source: str) -> tuple[yaml.Node, Any]:
+def _value_at(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _user_defaults(path: Path) -> yaml.MappingNode | None:
+    """The user config's node tree, validated strictly (every problem names the file); None when
+    the file is empty."""
+    text = read_user_file(path, what="user config")
+    if all(not line.strip() or line.lstrip().startswith(b"#") for line in text.splitlines()):
+        return None  # empty, or comments only
+    source = str(path)
+    node, data = _parse(text, source, what="user config")
+    try:
+        UserDefaults.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc: Loc = _collapse(tuple(err["loc"]), key_last=err["type"] == "extra_forbidden")
+            extra = err["type"] == "extra_forbidden"
+            why = config_hint(loc) if extra and loc else _message(err, loc)
+            lines.append(f"{_where(_node_at(node, loc, key=extra).start_mark, source)}: {format_loc(loc)}: {why}")
+        raise SpecError(lines[0], errors=lines) from None
+    assert isinstance(node, yaml.MappingNode)
+    return node
+
+
+def _value_node(value: str, label: str) -> yaml.Node:
+    """A ``--set`` value as a YAML node (a scalar, or a flow list/mapping), marked with ``label``
+    so a problem with it is reported as ``--set PATH=VALUE: ...``."""
+    if len(value) > MAX_SET_CHARS:
+        raise SpecError(f"{label[:60]}...: the value is longer than {MAX_SET_CHARS:,} characters")
+    if "\x00" in value:
+        raise SpecError(f"{label}: contains a NUL character")
+    mark = _mark(label)
+    try:
+        _check_shape(value, label)
+        loader = _Loader(value)
+        loader.name = label
+        try:
+            node = loader.get_single_node()
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        raise SpecError(f"{label}: not a YAML value: {exc.problem or exc.context or 'invalid YAML'}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{label}: not a YAML value: {exc}") from None
+    if node is None:  # `--set storage.artifacts=`: null
+        return yaml.ScalarNode(NULL, "", mark, mark)
+    _check_node(node, label)
+    return node
+
+
+def _construct(node: yaml.Node, source: str) -> Any:
+    loader = _Loader("")
+    try:
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark: Any = exc.problem_mark or exc.context_mark
+        raise SpecError(f"{_where(mark, source) if mark else source}: "
+                        f"{exc.problem or exc.context or 'invalid YAML'}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: document is nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _mark(label: str) -> yaml.Mark:
+    """The mark of a node that came from the command line: no file, no snippet."""
+    no_buffer: Any = None
+    return yaml.Mark(label, 0, 0, 0, no_buffer, no_buffer)
+
+
+def _where(mark: Any, source: str) -> str:
+    """``FILE:LINE:COL`` of a node: the spec's, the user config's, or the ``--set``/``--name``
+    that gave it."""
+    name = getattr(mark, "name", None)
+    if isinstance(name, str) and name.startswith("--"):
+        return name
+    if not isinstance(name, str) or not name or name.startswith("<"):
+        name = source
+    return f"{name}:{mark.line + 1}:{mark.column + 1}"
+
+
+def _check_data_files(spec: JobSpec, root: yaml.Node, source: str) -> None:
+    """A local .jsonl data file is checked record by record (``datafile``): a record without the
+    fields its format needs is a spec error naming the line of the data file."""
+    from .datafile import check_data
+
+    lines = []
+    for field, problem in check_data(spec.data):
+        lines.append(f"{_where(_node_at(root, ('data', field), key=False).start_mark, source)}: "
+                     f"data.{field}: {problem}")
+    if lines:
+        raise SpecError(lines[0], errors=lines)
+
+
+def _parse(text: str | bytes, source: str, what: str = "spec") -> tuple[yaml.Node, Any]:
     if isinstance(text, bytes):
         if len(text) > MAX_BYTES:
-            raise SpecError(f"{source}: document is {len(text):,} bytes; a spec is at most {MAX_BYTES:,}")
+            raise SpecError(f"{source}: document is {len(text):,} bytes; a {what} is at most {MAX_BYTES:,}")
         try:
             text = text.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise SpecError(
-                f"{source}: not UTF-8 text (byte {exc.start}); save the spec as UTF-8"
+                f"{source}: not UTF-8 text (byte {exc.start}); save the {what} as UTF-8"
             ) from None
     if len(text) > MAX_BYTES:
-        raise SpecError(f"{source}: document is too large; a spec is at most {MAX_BYTES:,} bytes")
+        raise SpecError(f"{source}: document is too large; a {what} is at most {MAX_BYTES:,} bytes")
     if "\x00" in text:
         raise SpecError(f"{source}: contains NUL bytes; is this a binary file?")
     try:
         _check_shape(text, source)
         loader = _Loader(text)
+        loader.name = source  # every node's mark names its file (the user config's nodes name theirs)
         try:
             node = loader.get_single_node()
             if node is None:
@@ -161,7 +328,8 @@ def _parse(text: str | bytes, source: str) -> tuple[yaml.Node, Any]:
         kind = "a list" if isinstance(data, list) else type(data).__name__
         raise SpecError(
             f"{source}:{node.start_mark.line + 1}:{node.start_mark.column + 1}: "
-            f"the spec must be a mapping (name:, model:, steps:, ...), not {kind}"
+            + (f"the spec must be a mapping (name:, model:, steps:, ...), not {kind}" if what == "spec"
+               else f"the {what} must be a mapping, not {kind}")
         )
     return node, data
 
@@ -325,7 +493,11 @@ def _message(err: Any, loc: Loc) -> str:
     msg = str(err["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
-    return msg
+    # pydantic names its classes ("a valid dictionary or instance of BudgetSpec"): say what to write.
+    return _CLASS_NAME.sub(" (a mapping of its fields; see `optjob schema`)", msg)
+
+
+_CLASS_NAME = re.compile(r" or instance of \w+")
 
 
 def _format(err: Any, root: yaml.Node, source: str) -> str:
@@ -334,5 +506,4 @@ def _format(err: Any, root: yaml.Node, source: str) -> str:
     if isinstance(ctx_error, PathError):
         loc = loc + tuple(ctx_error.loc)
     node = _node_at(root, loc, key=err["type"] == "extra_forbidden")
-    m = node.start_mark
-    return f"{source}:{m.line + 1}:{m.column + 1}: {format_loc(loc)}: {_message(err, loc)}"
+    return f"{_where(node.start_mark, source)}: {format_loc(loc)}: {_message(err, loc)}"

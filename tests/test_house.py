@@ -22,7 +22,8 @@ ALLOWED = {"specs": set(), "steps": {"specs"}, "providers": {"specs", "steps"},
            "manager": {"specs", "steps", "providers"}}
 #: The modules of ``steps`` that ``providers`` may use: stdlib-only contracts of the workload.
 CONTRACTS = {"optjob.steps.layout", "optjob.steps.events", "optjob.steps.exit_codes"}
-HEAVY = ("torch", "transformers", "sky", "boto3", "botocore", "optuna", "peft", "numpy")
+HEAVY = ("torch", "transformers", "sky", "boto3", "botocore", "optuna", "peft", "numpy", "mlflow", "google",
+         "azure")
 
 
 def module_name(path: Path) -> str:

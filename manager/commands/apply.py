@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import click
 from optjob.specs.errors import UsageError
@@ -11,26 +14,30 @@ from optjob.specs.errors import UsageError
 from ..job_states import Reason
 from ..store import Store, open_store
 from . import common
-from .plan import check_feasible
+from .plan import check_feasible, load_for_plan
+
+if TYPE_CHECKING:
+    from ..controller import Outcome
 
 
 def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, detach: bool, as_json: bool,
-                  kills: int = 0, preemption_seed: int = 0) -> None:
-    from optjob.specs import load_spec
-
+                  kills: int = 0, preemption_seed: int = 0, sets: Sequence[str] = (), name: str | None = None
+                  ) -> None:
     from ..controller import Controller
     from ..planner import make_plan
     from ..render import print_plan
 
-    spec = load_spec(spec_path)
+    spec, sources = load_for_plan(spec_path, sets, name)
     cloud_plan = make_plan(spec, spec_path, local=local) if dry_run else None
     if dry_run:
         spec = spec.model_copy(update={"name": f"{spec.name[:32]}-dry-run"})
-    plan = make_plan(spec, spec_path, local=local, dry_run=dry_run)
+    plan = replace(make_plan(spec, spec_path, local=local, dry_run=dry_run), sources=sources)
     if kills and not plan.local:
         raise UsageError("--simulate-preemption rehearses on this machine: add --local or --dry-run")
     if kills and detach:
         raise UsageError("--simulate-preemption needs the manager attached: drop --detach")
+    store = open_store()
+    store.check_name(spec.name, dry_run=dry_run)  # a dry run and a real job never share a name
     if not as_json:
         print_plan(plan)
     check_feasible(plan)
@@ -40,7 +47,6 @@ def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, deta
         click.confirm("Apply this plan?", default=True, abort=True)
     from ..live import LiveReporter
 
-    store = open_store()
     provider = common.provider_for(plan.provider)
     reporter = None if as_json else LiveReporter(plan)
     from ..rehearsal import Rehearsal
@@ -58,15 +64,17 @@ def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, deta
         fetch_results(store, outcome.name)  # the node's results.json, for the report
     if outcome.status.is_terminal():
         _write_report(store, outcome.name, quiet=as_json)
+        common.notify_ended(store, outcome.name)
     if as_json:
         click.echo(json.dumps({"name": outcome.name, "status": outcome.status.value,
                                "reason": outcome.reason.value if outcome.reason else None,
                                "spent_usd": round(outcome.spent_usd, 6), "attempts": outcome.attempts,
-                               "job_dir": str(outcome.job_dir), "message": outcome.message}))
+                               "job_dir": str(outcome.job_dir), "message": outcome.message,
+                               **({"rehearsal": {"kills_asked": kills, "kills": len(rehearsal.done),
+                                                 "lost_steps": [k.lost_steps for k in rehearsal.done],
+                                                 "shortfall": rehearsal.shortfall()}} if rehearsal else {})}))
     else:
-        click.echo(f"{outcome.name}: {outcome.status.value}"
-                   + (f" ({outcome.reason.value})" if outcome.reason else "")
-                   + f", spent ${outcome.spent_usd:.4f} over {outcome.attempts} attempt(s); {outcome.job_dir}")
+        click.echo(final_line(outcome))
         if rehearsal is not None:
             lost = [k.lost_steps for k in rehearsal.done]
             click.echo(f"rehearsal: {len(rehearsal.done)} kill(s) survived; work lost per kill (steps): {lost}")
@@ -74,7 +82,19 @@ def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, deta
             c = cloud_plan.chosen
             click.echo(f"dry run passed; on {c.cloud} {c.accelerators or 'CPU'}{' spot' if c.spot else ''} "
                        f"the full spec is projected at {c.est_hours:.2f} h, ${c.est_usd:.2f}")
+    if rehearsal is not None and (short := rehearsal.shortfall()):
+        click.echo(click.style("warning: ", fg="yellow", bold=True) + f"rehearsal: {short}", err=True)
     outcome.raise_for_status()
+
+
+def final_line(outcome: Outcome) -> str:
+    """``NAME: succeeded, spent $0.0123 over 1 attempt(s); JOB_DIR``: the reason only where it adds
+    to the status (``stopped (budget)``, never ``succeeded (succeeded)``)."""
+    from ..render import job_status_text
+
+    status = job_status_text(outcome.status.value, outcome.reason.value if outcome.reason else None)
+    return (f"{outcome.name}: {status}, spent ${outcome.spent_usd:.4f} over {outcome.attempts} attempt(s); "
+            f"{outcome.job_dir}")
 
 
 def _write_report(store: Store, name: str, *, quiet: bool) -> None:

@@ -37,3 +37,26 @@ def reconcile_all(store: Store, jobs: list[JobRow]) -> list[JobRow]:
         out.append(job)
     return out
 
+
+
+def write_report_quietly(store: Store, name: str) -> list[Any]:
+    """Write the job's report; a report that cannot be written never fails the command that asked."""
+    from ..report import write_report
+
+    try:
+        return write_report(store, name)
+    except (OSError, ValueError):
+        return []
+
+
+def notify_ended(store: Store, name: str) -> None:
+    """Tell the spec's ``notify`` webhook (and ``tracking`` server) that the job's run ended; a failure
+    is one warning line, never an error (the job stands as it is)."""
+    import click
+
+    from ..notify import notify_ended as post
+    from ..tracking import track_ended
+
+    for warning in (post(store, name), track_ended(store, name)):
+        if warning:
+            click.echo(click.style("warning: ", fg="yellow", bold=True) + warning, err=True)

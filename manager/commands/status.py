@@ -9,26 +9,36 @@ import click
 
 from ..store import JobRow, Store, open_store
 from . import common
-from .common import find_job
+from .common import find_job, write_report_quietly
 
 #: Rows `optjob list` prints (the most recently updated, plus every unfinished job); --json lists all.
 #: Rendering is ~1 ms a row, so 10,000 jobs would take seconds.
 LIST_LIMIT = 50
 
 
+def where(job: JobRow) -> str:
+    """Where the job runs, short: ``local``, ``aws A100:8 spot``."""
+    chosen = job.plan.get("chosen") or {}
+    if job.provider == "local" or chosen.get("cloud") in (None, "local"):
+        return "local"
+    return " ".join(str(x) for x in (chosen.get("cloud"), chosen.get("accelerators") or "CPU",
+                                     "spot" if chosen.get("spot") else "") if x)
+
+
 def job_summary(store: Store, job: JobRow) -> dict[str, Any]:
     attempts = store.attempts(job.name)
     spent = store.spend(job.name)
-    start = job.started_at or job.created_at
-    elapsed = (job.ended_at or store.clock.time()) - start
     running = [a for a in attempts if not a.ended_at]
     burn = sum(a.hourly_usd * a.nodes for a in running)
+    # Elapsed as the ledger counts it, across every attempt and run: the same span `spent` is for.
+    elapsed = store.elapsed_seconds(job.name)
     return {
         "name": job.name, "status": job.status.value, "reason": job.reason.value if job.reason else None,
-        "provider": job.provider, "step_index": job.step_index, "step_kind": job.step_kind,
+        "provider": job.provider, "where": where(job), "step_index": job.step_index, "step_kind": job.step_kind,
         "progress": job.progress, "elapsed_s": round(elapsed, 1), "spent_usd": round(spent, 6),
         "burn_usd_per_h": burn, "attempts": len(attempts), "run": job.run, "job_dir": job.job_dir,
-        "message": job.message, "created_at": job.created_at, "updated_at": job.updated_at,
+        "message": job.message, "created_at": job.created_at, "launched_at": job.started_at,
+        "updated_at": job.updated_at,
     }
 
 
@@ -44,7 +54,13 @@ def status_command(name: str | None, *, as_json: bool) -> None:
         jobs = store.jobs(limit=LIST_LIMIT)
         shown = {j.name for j in jobs}
         jobs += [j for j in store.unfinished_jobs() if j.name not in shown]
-    rows = [job_summary(store, j) for j in common.reconcile_all(store, jobs)]
+    before = {j.name: j.status for j in jobs}
+    current = common.reconcile_all(store, jobs)
+    for job in current:  # finished while nobody watched (--detach, a killed manager): its report now
+        if job.status.is_terminal() and not before[job.name].is_terminal():
+            write_report_quietly(store, job.name)
+            common.notify_ended(store, job.name)
+    rows = [job_summary(store, j) for j in current]
     if as_json:
         click.echo(json.dumps(rows[0] if name else rows, indent=2))
     else:

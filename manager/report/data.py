@@ -10,10 +10,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from optjob.steps.exit_codes import EXIT_DEADLINE, EXIT_SIGNAL
 from optjob.steps.layout import RESULTS_FILE
 
 from .. import paths
-from ..store import Store
+from ..job_states import STOP_REQUESTED
+from ..store import JobRow, Store
 
 #: Canonical metric name -> names the workload may use for it (first match wins).
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -32,8 +34,11 @@ ALIASES: dict[str, tuple[str, ...]] = {
 DELTAS = {"d_params_pct": "params", "d_size_pct": "size_bytes",
           "d_perplexity_pct": "perplexity", "d_latency_pct": "latency_ms"}
 TRAINING_KINDS = ("train", "distill", "prune")
-COST_NOTE = ("Cost splits this run's spend across steps in proportion to their wall time, "
-             "so it includes provisioning and startup overhead.")
+COST_NOTE = ("Cost splits every attempt's spend, interrupted ones included, across the steps it worked on "
+             "in proportion to its time on each, so it includes provisioning and startup overhead; the column "
+             "sums to what was spent.")
+#: Events that mark where an attempt's time went.
+MARKS = ("step_started", "step_done", "stopped", "job_done", "error")
 Rec = dict[str, Any]
 
 
@@ -60,8 +65,21 @@ def pick(metrics: Any) -> Rec:
     m = _dict(metrics)
     out: Rec = {k: next((v for n in names if (v := _num(m.get(n))) is not None), None)
                 for k, names in ALIASES.items()}
-    out["method"] = m["method"] if isinstance(m.get("method"), str) else None
+    out["method"] = _method(m)
     return out
+
+
+def _method(m: Rec) -> str | None:
+    """The step's method, with its sparsity pattern (2:4) or bits and group size (gptq, rtn)."""
+    method = m.get("method")
+    if not isinstance(method, str):
+        return None
+    pattern, bits, group = m.get("pattern"), _num(m.get("bits")), _num(m.get("group_size"))
+    if isinstance(pattern, str) and pattern != "unstructured":
+        method += f" {pattern}"
+    if bits is not None:
+        method += f" int{bits}" + (f" g{group}" if group is not None else "")
+    return method
 
 
 def pct(new: float | None, base: float | None) -> float | None:
@@ -76,13 +94,67 @@ def _read_json(path: Path) -> Rec | None:
     return data if isinstance(data, dict) else None
 
 
-def _attempts(store: Store, name: str) -> list[Rec]:
+def _attempts(store: Store, name: str, job: JobRow | None) -> list[Rec]:
+    rows = store.attempts(name)
+    last_of_run = {a.run: a.number for a in rows}
+    asked = {number: str(e.get("reason")) for number, e in store.attempt_events(name, kinds=(STOP_REQUESTED,))}
+    for a in rows:  # the current run's last attempt: the job's own reason, where no stop was recorded
+        if job is not None and job.reason is not None and a.run == job.run and last_of_run[a.run] == a.number:
+            asked.setdefault(a.number, job.reason.value)
     return [{
         "number": a.number, "run": a.run, "status": a.status, "started_at": a.started_at,
         "ended_at": a.ended_at, "duration_s": max(0.0, (a.ended_at or store.clock.time()) - a.started_at),
         "hourly_usd": a.hourly_usd, "nodes": a.nodes, "spot": bool(a.spot),
         "usd": store.spend(name, a.number), "exit_code": a.exit_code, "detail": a.detail,
-    } for a in store.attempts(name)]
+        "ended_as": ended_as(a.status, a.exit_code, asked.get(a.number)),
+    } for a in rows]
+
+
+def ended_as(status: str, exit_code: int | None, stop_reason: str | None) -> str:
+    """How an attempt ended, in words. A stop on request (exit 143) is a Ctrl-C or `optjob down`
+    unless the manager asked for it at the budget (``stop_reason``: why the manager asked it to
+    stop, where known); exit 4 is the workload's own stop at the budget deadline."""
+    if exit_code == EXIT_DEADLINE:
+        return "stopped at the budget deadline"
+    if exit_code == EXIT_SIGNAL or (status == "stopped" and exit_code is None):
+        if stop_reason == "budget":
+            return "stopped at the budget cap"
+        return "cancelled (Ctrl-C or `optjob down`)"
+    return status + (f" (exit {exit_code})" if exit_code not in (None, 0) else "")
+
+
+def step_costs(store: Store, name: str, attempts: list[Rec], walls: dict[Any, float]) -> dict[Any, float]:
+    """{step index: dollars}: each attempt's spend, interrupted attempts and earlier runs included,
+    split across the steps it worked on by its time on each (from its events: a step runs from its
+    ``step_started`` to the next mark), its start-up and teardown with them. Spend of an attempt that
+    reached no step of this report is split by the steps' wall time (``walls``). The values sum to the
+    spend whenever there is a step to give it to."""
+    marks: dict[int, list[Rec]] = {}
+    for number, e in store.attempt_events(name, kinds=MARKS):
+        if _num(e.get("ts")) is not None:
+            marks.setdefault(number, []).append(e)
+    costs: dict[Any, float] = {}
+    pool = 0.0
+    for a in attempts:
+        spans: dict[Any, float] = {}
+        events = sorted(marks.get(a["number"], []), key=lambda e: e["ts"])
+        for e, nxt in zip(events, [*events[1:], None] if events else [], strict=True):
+            if e.get("event") != "step_started" or e.get("index") not in walls:
+                continue
+            end = nxt["ts"] if nxt is not None else (a["ended_at"] or e["ts"])
+            spans[e["index"]] = spans.get(e["index"], 0.0) + max(0.0, end - e["ts"])
+        busy = sum(spans.values())
+        if busy <= 0:
+            pool += a["usd"]
+            continue
+        for index, seconds in spans.items():
+            costs[index] = costs.get(index, 0.0) + a["usd"] * seconds / busy
+    if pool:
+        weights = {i: w for i, w in walls.items() if w > 0} or {i: c for i, c in costs.items() if c > 0}
+        total = sum(weights.values())
+        for index, w in weights.items():
+            costs[index] = costs.get(index, 0.0) + pool * w / total
+    return costs
 
 
 def _curves(steps: list[Rec], events: list[Rec]) -> dict[str, list[list[float]]]:
@@ -139,11 +211,25 @@ def _trials(steps: list[Rec], events: list[Rec], spec_json: str | None) -> list[
     return out
 
 
+def hardware(job: JobRow | None) -> str | None:
+    """Where the job ran, from the offer its plan chose: ``aws us-east-1 p4d.24xlarge (A100:8, spot)``,
+    ``this machine``."""
+    if job is None:
+        return None
+    c = job.plan.get("chosen") or {}
+    if job.provider == "local" or c.get("cloud") in (None, "local"):
+        return "this machine" + (" (dry run)" if job.plan.get("dry_run") else "")
+    nodes = (job.plan.get("resources") or {}).get("nodes") or 1
+    inside = ", ".join(x for x in (c.get("accelerators") or "CPU", "spot" if c.get("spot") else "",
+                                   f"{nodes} nodes" if nodes > 1 else "") if x)
+    return " ".join(str(x) for x in (c.get("cloud"), c.get("region"), c.get("instance_type")) if x) + f" ({inside})"
+
+
 def report_data(store: Store, name: str) -> Rec:
     """Everything the report shows, as one JSON-serialisable dict (see the module docstring)."""
     job = store.job(name)
     job_dir = Path(job.job_dir) if job else paths.job_dir(name)
-    attempts = _attempts(store, name)
+    attempts = _attempts(store, name, job)
     this_run = {a["number"] for a in attempts if job is None or a["run"] == job.run}
     events = [e for _, e in store.events(name, kinds=("progress", "trial", "step_done"))
               if e.get("attempt") is None or e.get("attempt") in this_run]
@@ -157,12 +243,12 @@ def report_data(store: Store, name: str) -> Rec:
         source = source or ("events" if steps else None)
     baseline = pick((results or {}).get("baseline"))
     run_usd = sum(a["usd"] for a in attempts if a["number"] in this_run)
-    total_wall = sum(_num(s.get("wall_s")) or 0.0 for s in steps)
+    costs = step_costs(store, name, attempts, {s.get("index"): _num(s.get("wall_s")) or 0.0 for s in steps})
 
     def row(index: Any, kind: Any, label: str, metrics: Any, wall: Any = None, output: Any = None
             ) -> Rec:
         m = pick(metrics)
-        cost = run_usd * wall / total_wall if wall is not None and total_wall else None
+        cost = costs.get(index, 0.0) if wall is not None and costs else None
         return {"index": index, "kind": kind, "label": label, "wall_s": wall, "output": output,
                 **m, "cost_usd": cost, **{d: None if kind == "baseline" else pct(m[k], baseline[k])
                                           for d, k in DELTAS.items()},
@@ -182,8 +268,11 @@ def report_data(store: Store, name: str) -> Rec:
         last = f"{_or(steps[-1].get('index'), '')} {steps[-1].get('kind')}".strip()
         rows.append(row(steps[-1].get("index"), "final", f"final (after {last})", final,
                         output=steps[-1].get("output")))
+    plan = job.plan if job else {}
     return {
         "name": name, "status": job.status.value if job else "unknown",
+        "date": (job.started_at or job.created_at) if job else None, "hardware": hardware(job),
+        "estimated_usd": _num((plan.get("chosen") or {}).get("est_usd")),
         "reason": job.reason.value if job and job.reason else None,
         "message": job.message if job else None, "run": job.run if job else None,
         "job_dir": str(job_dir), "results_source": source, "spent_usd": store.spend(name),

@@ -149,33 +149,57 @@ def _legend(out: list[str], items: Sequence[tuple[str, str]], right: float, top:
 
 # ---- the two plots -------------------------------------------------------------------------------
 
+#: What a step's loss measures, by step kind: distillation's loss mixes a KL term on the teacher's
+#: soft targets with cross-entropy (``alpha``), so it is not on the same scale as a train step's.
+LOSS_AXES = {"distill": "distillation loss (α·KD + (1−α)·CE)"}
+TRAINING_LOSS = "training loss"
+
+
 def loss_svg(curves: dict[str, list[list[float]]]) -> str | None:
-    """One line per training-like step (x: its optimizer step, y: training loss); None without data."""
+    """One line per training-like step (x: its optimizer step, y: its loss); None without data.
+    Losses that measure different things (a train step's cross-entropy, a distillation's KD mix)
+    get a panel each, side by side, never one shared axis."""
     series = {k: [(float(p[0]), float(p[1])) for p in v] for k, v in curves.items()}
     series = {k: [p for p in v if math.isfinite(p[0]) and math.isfinite(p[1])] for k, v in series.items()}
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
-    width, height = 760, 420
-    box = (LEFT, TOP, width - RIGHT, height - BOTTOM)
+    groups: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for key, points in series.items():
+        kind = key.split("-", 1)[1] if "-" in key else key
+        groups.setdefault(LOSS_AXES.get(kind, TRAINING_LOSS), {})[key] = points
+    panel, height = 760, 420
+    width = panel * len(groups)
+    out = _open(width, height, "Loss by step")
+    colour = 0
+    for k, (ylabel, members) in enumerate(groups.items()):
+        box = (k * panel + LEFT, TOP, (k + 1) * panel - RIGHT, height - BOTTOM)
+        title = "Loss by step" if len(groups) == 1 else ylabel[0].upper() + ylabel[1:].split(" (")[0] + " by step"
+        out.append('<g class="panel">')
+        _loss_panel(out, members, box, ylabel, title, colour)
+        out.append("</g>")
+        colour += len(members)
+    return "\n".join([*out, "</svg>"]) + "\n"
+
+
+def _loss_panel(out: list[str], series: dict[str, list[tuple[float, float]]], box: tuple[float, float, float, float],
+                ylabel: str, title: str, colour: int) -> None:
     xd = domain([x for v in series.values() for x, _ in v], 0.05)
     yd = domain([y for v in series.values() for _, y in v], 0.05)
     sx, sy = Scale(*xd, box[0], box[2]), Scale(*yd, box[3], box[1])
-    out = _open(width, height, "Loss by step")
     _axes(out, box, [(sx(t), fmt(t)) for t in nice_ticks(*xd, 6)], [(sy(t), fmt(t)) for t in nice_ticks(*yd)],
-          "optimizer step", "training loss", "Loss by step")
+          "optimizer step", ylabel, title)
     legend = []
     for i, (key, points) in enumerate(series.items()):
-        colour, name = LINES[i % len(LINES)], key.replace("-", " ", 1)
+        c, name = LINES[(colour + i) % len(LINES)], key.replace("-", " ", 1)
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
         out.append(f'<g class="curve"><title>{escape(name)}</title><polyline points="{coords}" fill="none" '
-                   f'stroke="{colour}" stroke-width="1.5" stroke-linejoin="round"/>')
+                   f'stroke="{c}" stroke-width="1.5" stroke-linejoin="round"/>')
         if len(points) < 30:
-            out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}"/>' for x, y in points]
+            out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{c}"/>' for x, y in points]
         out.append("</g>")
-        legend.append((name, colour))
+        legend.append((name, c))
     _legend(out, legend, box[2], box[1])
-    return "\n".join([*out, "</svg>"]) + "\n"
 
 
 def tradeoff_svg(rows: list[Rec]) -> str | None:

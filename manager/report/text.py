@@ -3,6 +3,8 @@ shared by the markdown and the HTML page."""
 
 from __future__ import annotations
 
+import datetime
+
 from ..units import duration
 from .data import Rec
 
@@ -62,14 +64,32 @@ def trial_cells(t: Rec) -> list[str]:
 
 
 def attempt_cells(a: Rec) -> list[str]:
-    status = a["status"] + (f" (exit {a['exit_code']})" if a["exit_code"] not in (None, 0) else "")
+    status = a.get("ended_as") or a["status"] + (f" (exit {a['exit_code']})" if a["exit_code"] not in (None, 0)
+                                                 else "")
     return [str(a["number"]), status, fmt_s(a["duration_s"]), f"{a['hourly_usd']:.2f}",
             str(a["nodes"]), "yes" if a["spot"] else "no", f"{a['usd']:.4f}", a.get("detail") or a["status"]]
 
 
 def headline(data: Rec) -> str:
+    """``demo: succeeded, $1.0400 spent (estimated $0.9000, +16%) — 2026-01-05 10:12 UTC on aws
+    us-east-1 p4d.24xlarge (A100:8, spot)``: the outcome, the money against the plan, when and where."""
     why = f" ({data['reason']})" if data["reason"] and data["reason"] != data["status"] else ""
-    return f"{data['name']}: {data['status']}{why}, ${data['spent_usd']:.4f} spent"
+    text = f"{data['name']}: {data['status']}{why}, ${data['spent_usd']:.4f} spent"
+    est = data.get("estimated_usd")
+    if est is not None:
+        # The estimate is this run's cost to complete: compare it with this run's spend.
+        run = data.get("run_spent_usd", data["spent_usd"])
+        off = f", {'+' if run >= est else '−'}{abs(run - est) / est * 100:.0f}%" if est > 0 else ""
+        this = f"; this run ${run:.4f}" if abs(run - data["spent_usd"]) > 5e-5 else ""
+        text += f" (estimated ${est:.4f}{off}{this})"
+    when = f"{utc(data['date'])} UTC" if data.get("date") else None
+    where = f"on {data['hardware']}" if data.get("hardware") else None
+    tail = " ".join(x for x in (when, where) if x)
+    return text + (f" — {tail}" if tail else "")
+
+
+def utc(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
 def notes(data: Rec) -> list[str]:
