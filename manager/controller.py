@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -88,6 +88,8 @@ class Outcome:
     attempts: int
     job_dir: Path
     message: str | None = None
+    #: Nothing was run: the job had finished with this very spec (no new attempt, no charge).
+    up_to_date: bool = False
 
     def raise_for_status(self) -> None:
         if self.reason == Reason.SUCCEEDED or not self.status.is_terminal():
@@ -123,6 +125,17 @@ def resolve_paths(spec: JobSpec, base: Path) -> dict[str, Any]:
     return d
 
 
+def up_to_date(job: JobRow | None, spec: JobSpec, plan: Plan) -> bool:
+    """Whether applying ``spec`` again would only redo what already finished: the job succeeded with
+    exactly this spec, on the same provider, and its results are still in its folder. (Change a field,
+    or remove the folder, to run again; `optjob down NAME` does not forget a finished job.)"""
+    if job is None or job.status != JobStatus.SUCCEEDED or plan.dry_run or job.provider != plan.provider:
+        return False
+    from optjob.steps.layout import RESULTS_FILE
+
+    return job.spec_json == spec.model_dump_json() and (Path(job.job_dir) / RESULTS_FILE).is_file()
+
+
 def max_seconds(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else max(a, b)
 
@@ -147,6 +160,10 @@ class Controller:
     def apply(self, plan: Plan, spec: JobSpec, *, detach: bool = False) -> Outcome:
         job_dir = paths.dry_run_dir(spec.name) if plan.dry_run else paths.job_dir(spec.name)
         earlier = self.store.job(spec.name)
+        if up_to_date(earlier, spec, plan):
+            assert earlier is not None
+            self.reporter.status(f"nothing to do ({spec.name} is up to date: it finished with this spec)")
+            return replace(self._outcome(earlier), up_to_date=True)
         if earlier is not None and earlier.provider == self.provider.name and not earlier.status.is_terminal() \
                 and not owner_alive(earlier):
             # Its manager died: first record how its last attempt went (events, exit status, teardown),

@@ -70,6 +70,7 @@ def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, deta
                                "reason": outcome.reason.value if outcome.reason else None,
                                "spent_usd": round(outcome.spent_usd, 6), "attempts": outcome.attempts,
                                "job_dir": str(outcome.job_dir), "message": outcome.message,
+                               "up_to_date": outcome.up_to_date,
                                **({"rehearsal": {"kills_asked": kills, "kills": len(rehearsal.done),
                                                  "lost_steps": [k.lost_steps for k in rehearsal.done],
                                                  "shortfall": rehearsal.shortfall()}} if rehearsal else {})}))
@@ -92,6 +93,8 @@ def final_line(outcome: Outcome) -> str:
     to the status (``stopped (budget)``, never ``succeeded (succeeded)``)."""
     from ..render import job_status_text
 
+    if outcome.up_to_date:
+        return f"nothing to do ({outcome.name} is up to date; {outcome.job_dir})"
     status = job_status_text(outcome.status.value, outcome.reason.value if outcome.reason else None)
     return (f"{outcome.name}: {status}, spent ${outcome.spent_usd:.4f} over {outcome.attempts} attempt(s); "
             f"{outcome.job_dir}")

@@ -10,6 +10,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,13 +39,22 @@ while True:
 
 
 @pytest.fixture
-def stubborn(tmp_path: Path) -> str:
+def stubborn(tmp_path: Path, home: Path) -> Iterator[str]:
+    """The stubborn workload's interpreter; whatever of it still runs after the test is killed."""
     script = tmp_path / "stubborn.py"
     script.write_text(STUBBORN)
     exe = tmp_path / "stubborn-python"
     exe.write_text(f"#!/bin/sh\nexec {sys.executable} {script}\n")
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
-    return str(exe)
+    yield str(exe)
+    if paths.db_path().exists():
+        provider = LocalProvider(python=str(exe))
+        for attempt in Store(paths.db_path()).attempts("stubborn"):
+            if attempt.handle:
+                handle = Handle.from_json(attempt.handle)
+                provider.kill(handle)  # SIGTERM would be ignored (and teardown wait for it)
+                provider.wait(handle, 10)
+                provider.teardown(handle)
 
 
 def launched(home: Path) -> None:

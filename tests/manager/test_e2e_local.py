@@ -67,10 +67,18 @@ def test_apply_local_runs_the_pipeline_for_real(tmp_path: Path):
     assert sum(p.numel() for p in model.parameters()) == results["steps"][0]["metrics"].get(
         "params", sum(p.numel() for p in model.parameters()))
     assert (job_dir / "report.md").exists() and (job_dir / "report.html").exists()
-    # A finished name runs again as a new run: finished steps are skipped.
+    # The same spec again: nothing to do — no new attempt, no charge.
+    spent = json.loads(cli("cost", "tiny", "--json", home=home).stdout)["total_usd"]
     again = cli("apply", str(spec), "--local", "--yes", "--json", home=home)
     assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout)["attempts"] == 2
+    outcome = json.loads(again.stdout)
+    assert outcome["up_to_date"] is True and outcome["attempts"] == 1
+    assert json.loads(cli("cost", "tiny", "--json", home=home).stdout)["total_usd"] == spent
+    # A changed spec runs again as a new run: the finished steps it shares are skipped.
+    spec.write_text(spec.read_text().replace("latency_repeats: 2", "latency_repeats: 3", 1))
+    changed = cli("apply", str(spec), "--local", "--yes", "--json", home=home)
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout)["attempts"] == 2
 
 
 @pytest.mark.slow
