@@ -183,7 +183,7 @@ def model_params(model: ModelSpec) -> tuple[int, int | None, str | None]:
     if params is not None:
         return params, layers, None
     if model.path is not None:  # a local folder: its config.json says
-        from .memory import config_shape
+        from .model_shape import config_shape
 
         shape = config_shape(model.path)
         if shape is not None:

@@ -182,7 +182,7 @@ def test_a_stored_spec_with_a_key_a_later_version_dropped_still_reads(tmp_path: 
     """An upgrade that removes a field must not stop a stored job from resuming."""
     import json
 
-    from optjob.manager.store import read_stored_spec
+    from optjob.manager.stored_spec import read_stored_spec
     from optjob.specs import loads_spec
 
     stored = json.loads(loads_spec("name: old\nmodel: {init: {}}\nsteps: [{train: {max_steps: 7}}]\n")

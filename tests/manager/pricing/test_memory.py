@@ -27,11 +27,9 @@ from optjob.manager.pricing.memory import (
     eval_memory,
     fit_offers,
     holders,
-    model_shape,
-    shape_from_config,
-    shape_from_params,
     train_memory,
 )
+from optjob.manager.pricing.model_shape import model_shape, shape_from_config, shape_from_params
 from optjob.specs import EvaluateStep, JobSpec, TrainStep
 from optjob.specs.errors import PlanInfeasible
 
