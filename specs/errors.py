@@ -13,13 +13,23 @@ process exit code the CLI uses for it. The CLI renders them in one place
     ├── BudgetExceeded           exit 4  the job was stopped by its dollar or hour cap
     ├── JobFailed                exit 1  the workload failed (its error event says why)
     ├── Interrupted              exit 130 the user pressed Ctrl-C; the job was stopped gracefully
-    ├── StateError               exit 1  the state store is unreadable, locked or from the future
+    ├── StateError               exit 1  the state store is unreadable, locked, full or from the future
     ├── ProviderError            exit 1  a provider could not launch, poll or tear down
-    │   └── TeardownError        exit 1  resources could not be confirmed released (retry `optjob down`)
-    └── StepError                exit 1  raised on the node by a step (becomes an ``error`` event)
+    │   ├── TeardownError        exit 1  resources could not be confirmed released (retry `optjob down`)
+    │   ├── TransientProviderError       worth asking again (providers/base.py)
+    │   │   └── TransientSkyError        SkyPilot's API server busy or unreachable (providers/sky_client.py)
+    │   │       └── ControllerUnavailable  the jobs controller stopped, absent or unreachable
+    │   ├── ClusterGone, ClusterNotUp    what SkyPilot said of a cluster (providers/sky_client.py)
+    │   └── StorageError                 artifact storage refused or failed (steps/storage/base.py)
+    ├── StepError                exit 1  raised on the node by a step (becomes an ``error`` event)
+    │   └── PeerFailed                   another rank of a distributed step failed (steps/dist.py)
+    └── Unsettled                exit 1  a durable outcome exists but cannot be read now (manager/outcome.py)
 
-These live in ``optjob.specs`` because it is the package every other one
-imports and it has no heavy dependencies.
+The classes of this module live in ``optjob.specs`` because it is the package every other one
+imports and it has no heavy dependencies; the subclasses named with a path live beside the code
+that raises them. Outside the tree on purpose: ``StopRequested`` (a BaseException that ends a run
+gracefully, steps/context.py), ``PathError`` and ``InvalidRecord`` (ValueErrors that validation turns
+into a ``SpecError`` or a rerun).
 """
 
 from __future__ import annotations
