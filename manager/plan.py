@@ -76,6 +76,9 @@ class Plan:
     warnings: tuple[str, ...] = field(default_factory=tuple)
     #: Values that did not come from the spec file: the user config's defaults, ``--set``, ``--name``.
     sources: tuple[str, ...] = ()
+    #: The starting model as the plan sized it: params, layers, hidden, heads, kv_heads, vocab,
+    #: family, dtype, and where that came from (model.init, config.json, a known hub model, a guess).
+    model: dict[str, Any] = field(default_factory=dict)
 
     @property
     def hourly_usd(self) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from optjob.specs import JobSpec
 from optjob.specs.steps import (
@@ -110,6 +111,8 @@ def make_plan(spec: JobSpec, spec_path: str | Path | None = None, *, local: bool
     if local and spec.resources.cloud != "local" and not dry_run:
         warnings.append(f"--local: running on this machine, ignoring resources.cloud={spec.resources.cloud}"
                         + (" and its accelerators" if spec.resources.accelerators else ""))
+    model, config = describe_model(spec, spec_path)
+    refuse_unsupported(spec, config, spec_path)
     steps = []
     tuned = tuned_by_hpo(spec.pipeline)
     for i, step in enumerate(spec.pipeline):
@@ -121,7 +124,7 @@ def make_plan(spec: JobSpec, spec_path: str | Path | None = None, *, local: bool
         resources=resources_summary(spec, local), steps=tuple(steps), teardown=spec.teardown,
         storage=spec.storage.artifacts,
         budget=BudgetPlan(spec.budget.max_usd, spec.budget.max_hours),
-        warnings=tuple(warnings),
+        warnings=tuple(warnings), model=model,
     )
     if dry_run:
         # The rehearsal runs a tiny proxy on this machine at no charge: no offers, no cap.
@@ -130,4 +133,63 @@ def make_plan(spec: JobSpec, spec_path: str | Path | None = None, *, local: bool
         return replace(base, offers=(free,), chosen=free,
                        budget=BudgetPlan(None, None),
                        notes=("dry run: every step capped to a few optimizer steps on a 2-layer, 64-wide proxy",))
+    folder = local_model(spec, spec_path)
+    if folder is not None:  # the estimate reads the folder's config.json where apply will find it
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"path": str(folder)})})
     return price_plan(spec, base)
+
+
+def local_model(spec: JobSpec, spec_path: str | Path | None) -> Path | None:
+    """``model.path`` resolved as apply resolves it: relative to the spec's folder."""
+    if spec.model.path is None:
+        return None
+    path = Path(spec.model.path).expanduser()
+    if not path.is_absolute() and spec_path is not None:
+        path = Path(spec_path).parent / path
+    return path
+
+
+def describe_model(spec: JobSpec, spec_path: str | Path | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(``plan.model``, the model's config for the family checks, or None when only guessed). A local
+    folder's ``config.json`` is read (no weights); ``model.init`` and known hub ids need no file."""
+    import json
+
+    from .pricing.model_shape import KNOWN_SHAPES, model_shape
+
+    folder = local_model(spec, spec_path)
+    model = spec.model.model_copy(update={"path": str(folder)}) if folder is not None else spec.model
+    shape, note = model_shape(model)
+    raw: dict[str, Any] | None = None
+    if folder is not None:
+        try:
+            loaded = json.loads((folder / "config.json").read_text())
+            raw = loaded if isinstance(loaded, dict) else None
+        except (OSError, ValueError):
+            raw = None
+    source = ("model.init" if spec.model.init is not None else "config.json" if raw is not None
+              else "known hub model" if (spec.model.hf or "").lower() in KNOWN_SHAPES else "assumed")
+    described = {"params": shape.params, "layers": shape.layers, "hidden": shape.hidden, "heads": shape.heads,
+                 "kv_heads": shape.kv_heads, "intermediate": shape.intermediate, "vocab": shape.vocab,
+                 "family": shape.family, "dtype": {4: "float32", 2: "16-bit"}.get(int(shape.dtype_bytes), "?"),
+                 "tied": shape.tied, "source": source, "note": note}
+    if raw is None and source == "assumed":
+        return described, None
+    config = raw or {"model_type": shape.family, "hidden_size": shape.hidden, "num_hidden_layers": shape.layers,
+                     "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads,
+                     "intermediate_size": shape.intermediate, "vocab_size": shape.vocab,
+                     "tie_word_embeddings": shape.tied}
+    return described, config
+
+
+def refuse_unsupported(spec: JobSpec, config: dict[str, Any] | None, spec_path: str | Path | None) -> None:
+    """A step the model cannot take (``steps.families``: decided from its config alone) is refused
+    here, before anything is paid for, with a hint that fits the step."""
+    if config is None:
+        return
+    from optjob.specs.errors import SpecError
+    from optjob.steps.families import unsupported
+
+    for i, step in enumerate(spec.pipeline):
+        found = unsupported(config, step)
+        if found is not None:
+            raise SpecError(f"{spec_path or '<spec>'}: steps[{i}].{step.kind}: {found}")

@@ -186,6 +186,7 @@ def _load(text: str | bytes, source: str, layers: Layers) -> LoadedSpec:
         raise SpecError(lines[0], errors=lines) from None
     except RecursionError:
         raise SpecError(f"{source}: document is nested too deeply") from None
+    _check_local_paths(spec, node, source)
     _check_data_files(spec, node, source)
     return LoadedSpec(spec, str(layers.defaults) if filled else None,
                       tuple((f, _value_at(data, f)) for f in filled), tuple(overrides))
@@ -274,6 +275,29 @@ def _where(mark: Any, source: str) -> str:
     if not isinstance(name, str) or not name or name.startswith("<"):
         name = source
     return f"{name}:{mark.line + 1}:{mark.column + 1}"
+
+
+def _check_local_paths(spec: JobSpec, root: yaml.Node, source: str) -> None:
+    """A local model folder or data file that is not there is a spec error now, not after a paid
+    launch. Paths are relative to the spec's folder (as apply resolves them); a spec given as text
+    (no file) has no folder, and is not checked."""
+    base = Path(source).parent if source and Path(source).is_file() else None
+    if base is None:
+        return
+    wanted: list[tuple[tuple[str, ...], str, str]] = []
+    if spec.model.path is not None:
+        wanted.append((("model", "path"), spec.model.path, "a model folder (with config.json)"))
+    if spec.data.kind == "path":
+        wanted.append((("data", "source"), spec.data.source, "a .txt/.jsonl file or a folder of them"))
+    lines = []
+    for loc, value, what in wanted:
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else base / path
+        if not path.exists():
+            lines.append(f"{_where(_node_at(root, loc, key=False).start_mark, source)}: {'.'.join(loc)}: "
+                         f"{path} does not exist; give {what} (relative paths are from the spec's folder)")
+    if lines:
+        raise SpecError(lines[0], errors=lines)
 
 
 def _check_data_files(spec: JobSpec, root: yaml.Node, source: str) -> None:
