@@ -124,14 +124,19 @@ def test_reapply_reuses_unchanged_steps_and_reruns_changed_ones(tmp_path: Path):
     home = tmp_path / "home"
     spec.write_text(TINY.format(name="re", steps=TRAIN + EVAL))
     assert cli("apply", str(spec), "--local", "--yes", home=home).returncode == 0
-    assert cli("apply", str(spec), "--local", "--yes", home=home).returncode == 0
+    same = cli("apply", str(spec), "--local", "--yes", home=home)  # the very same spec: nothing to do
+    assert same.returncode == 0 and "nothing to do" in same.stdout
     store = Store(home / "state.db")
+    assert len(store.attempts("re")) == 1
+    # Only the evaluation changed: the finished train step is reused.
+    spec.write_text(TINY.format(name="re", steps=TRAIN + EVAL.replace("latency_repeats: 2", "latency_repeats: 3")))
+    assert cli("apply", str(spec), "--local", "--yes", home=home).returncode == 0
 
     def train_done(attempt: int) -> dict:
         return next(e for _, e in store.events("re", kinds=("step_done",))
                     if e["attempt"] == attempt and e["index"] == 0)
 
-    assert train_done(2).get("skipped") is True  # same spec: the finished step is reused
+    assert train_done(2).get("skipped") is True  # an unchanged step is reused
     spec.write_text(TINY.format(name="re", steps=TRAIN.replace("lr: 3.0e-3", "lr: 1.0e-3") + EVAL))
     proc = cli("apply", str(spec), "--local", "--yes", home=home)
     assert proc.returncode == 0, proc.stderr
