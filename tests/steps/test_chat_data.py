@@ -224,8 +224,10 @@ def test_format_given_is_checked_and_eval_source_too(tmp_path: Path) -> None:
         load_spec(_spec_file(tmp_path, good, "  format: prompt-completion\n"))
     with pytest.raises(SpecError, match="needs records"):
         load_spec(_spec_file(tmp_path, tmp_path / "x.txt", "  format: chat\n"))
-    # A file that is not here (it may be on the node) is not checked.
-    assert load_spec(_spec_file(tmp_path, tmp_path / "elsewhere.jsonl")).data.source.endswith("elsewhere.jsonl")
+    # A local data file that is not there is refused when the spec is read, not after a paid launch
+    # (apply uploads local data from this machine: a file it cannot find here never reaches the node).
+    with pytest.raises(SpecError, match=r"data\.source: .*elsewhere\.jsonl does not exist"):
+        load_spec(_spec_file(tmp_path, tmp_path / "elsewhere.jsonl"))
 
 
 def test_validate_cli_exits_2_with_the_data_line(tmp_path: Path) -> None:
