@@ -43,7 +43,9 @@ def populate(db_path: Path, jobs: int, events_per_job: int, spec_json: str, plan
         rows.append((name, status, reasons[status], "local", f"/nonexistent/jobs/{name}", None, spec_json,
                      plan_json, 1, t0, t0 + 300, t0, t0 + 300, 1, "evaluate",
                      json.dumps({"event": "metrics", "index": 1, "kind": "evaluate"}), None, None, None))
-    db.executemany(f"INSERT INTO jobs VALUES ({', '.join('?' * 19)})", rows)
+    columns = ("name, status, reason, provider, job_dir, spec_path, spec_json, plan_json, run, created_at, "
+               "updated_at, started_at, ended_at, step_index, step_kind, progress_json, owner_pid, owner_seen, message")
+    db.executemany(f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * 19)})", rows)
     db.executemany(
         "INSERT INTO attempts (job_name, run, number, provider, handle_json, status, exit_code, started_at, "
         "ended_at, hourly_usd, nodes, spot, log_offset, released) VALUES (?, 1, 1, 'local', ?, 'succeeded', 0, "
