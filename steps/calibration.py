@@ -258,3 +258,28 @@ def _feeder(stat: InputStat) -> Callable[..., None]:
         stat.add(inputs[0].detach())
 
     return hook
+
+
+def prune_sequentially(
+    model: nn.Module,
+    ids: torch.Tensor,
+    pattern: str,
+    make_stat: Callable[[int, torch.device], InputStat],
+    prune_one: Callable[[torch.Tensor, InputStat], tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device | None = None,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The one-shot pruners' shared pass: every decoder-layer projection of ``model`` is pruned in
+    place, layer by layer on the calibration windows ``ids``, by ``prune_one(weight, statistic) ->
+    (new weight, mask of pruned entries)``. Returns the masks (True: kept), by qualified module name."""
+    layers_name = check_pattern(model, pattern)
+    kept: dict[str, torch.Tensor] = {}
+
+    def compress(index: int, projs: dict[str, nn.Module], stats: dict[str, InputStat]) -> None:
+        for name, module in projs.items():
+            new, mask = prune_one(weight_of(module), stats[name])
+            set_weight(module, new)
+            kept[f"{layers_name}.{index}.{name}"] = in_layout(module, ~mask)
+
+    sequential(model, ids, make_stat, compress, device, on_layer)
+    return kept

@@ -102,21 +102,12 @@ def prune_model(
 ) -> dict[str, torch.Tensor]:
     """Prune every decoder-layer projection of ``model`` in place on the calibration
     windows ``ids``; the masks (True: kept), by qualified module name."""
-    layers_name = calibration.check_pattern(model, pattern)
-    kept: dict[str, torch.Tensor] = {}
+    def prune_one(w: torch.Tensor, stat: calibration.InputStat) -> tuple[torch.Tensor, torch.Tensor]:
+        assert isinstance(stat, calibration.Hessian)
+        if stat.rows:
+            return prune_weight(w, stat.matrix(), sparsity, pattern, damp=damp)
+        # no calibration token reached it (an unused expert): magnitude alone
+        mask = masks.mask_for(w.abs(), sparsity, pattern)
+        return w.masked_fill(mask, 0), mask
 
-    def compress(index: int, projs: dict[str, nn.Module], stats: dict[str, calibration.InputStat]) -> None:
-        for name, module in projs.items():
-            stat = stats[name]
-            assert isinstance(stat, calibration.Hessian)
-            w = calibration.weight_of(module)
-            if stat.rows:
-                new, mask = prune_weight(w, stat.matrix(), sparsity, pattern, damp=damp)
-            else:  # no calibration token reached it (an unused expert): magnitude alone
-                mask = masks.mask_for(w.abs(), sparsity, pattern)
-                new = w.masked_fill(mask, 0)
-            calibration.set_weight(module, new)
-            kept[f"{layers_name}.{index}.{name}"] = calibration.in_layout(module, ~mask)
-
-    calibration.sequential(model, ids, calibration.Hessian, compress, device, on_layer)
-    return kept
+    return calibration.prune_sequentially(model, ids, pattern, calibration.Hessian, prune_one, device, on_layer)

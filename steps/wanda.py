@@ -38,20 +38,11 @@ def prune_model(
 ) -> dict[str, torch.Tensor]:
     """Prune every decoder-layer projection of ``model`` in place on the calibration
     windows ``ids``; the masks (True: kept), by qualified module name."""
-    layers_name = calibration.check_pattern(model, pattern)
-    kept: dict[str, torch.Tensor] = {}
+    def prune_one(w: torch.Tensor, stat: calibration.InputStat) -> tuple[torch.Tensor, torch.Tensor]:
+        assert isinstance(stat, calibration.InputNorms)
+        # a projection no calibration token reached (an unused expert): magnitude alone
+        norms = stat.norms() if stat.rows else torch.ones(w.shape[1], device=w.device)
+        mask = prune_weight(w, norms, sparsity, pattern)
+        return w.masked_fill(mask, 0), mask
 
-    def compress(index: int, projs: dict[str, nn.Module], stats: dict[str, calibration.InputStat]) -> None:
-        for name, module in projs.items():
-            stat = stats[name]
-            assert isinstance(stat, calibration.InputNorms)
-            w = calibration.weight_of(module)
-            # a projection no calibration token reached (an unused expert): magnitude alone
-            norms = stat.norms() if stat.rows else torch.ones(w.shape[1], device=w.device)
-            mask = prune_weight(w, norms, sparsity, pattern)
-            w[mask] = 0
-            calibration.set_weight(module, w)
-            kept[f"{layers_name}.{index}.{name}"] = calibration.in_layout(module, ~mask)
-
-    calibration.sequential(model, ids, calibration.InputNorms, compress, device, on_layer)
-    return kept
+    return calibration.prune_sequentially(model, ids, pattern, calibration.InputNorms, prune_one, device, on_layer)
