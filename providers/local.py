@@ -219,7 +219,9 @@ class LocalProvider(Provider):
             f"printf '%-15s\\n' $rc 1<> {shlex.quote(str(tmp))} && mv {shlex.quote(str(tmp))} "
             f"{shlex.quote(str(exit_file))}"
         )
-        env = {**os.environ, **request.env, "PYTHONUNBUFFERED": "1", TAG_VAR: tag}
+        # The spec's ``env:`` reaches a local run as it reaches a node; ``secrets:`` are already in our
+        # environment (the plan refused a missing one). The manager's own variables win over both.
+        env = {**os.environ, **request.spec.env, **request.env, "PYTHONUNBUFFERED": "1", TAG_VAR: tag}
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 ["/bin/sh", "-c", script], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

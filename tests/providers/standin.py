@@ -4,12 +4,14 @@ It is a real process speaking the real event protocol (the same bytes the
 workload prints), so the local provider and the controller are exercised for
 real; only the training is left out. Behaviour comes from environment vars:
 STANDIN_STEPS (progress events, one per STANDIN_SLEEP seconds), STANDIN_RC
-(exit code). SIGTERM ends it like the workload: a ``stopped`` event, exit 143.
+(exit code), STANDIN_ECHO_ENV (names whose values it writes to
+``standin-env.json`` in its working folder). SIGTERM ends it like the workload: a ``stopped`` event, exit 143.
 It honours OPTJOB_DEADLINE like the workload: ``stopped`` reason deadline, exit 4.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -29,6 +31,9 @@ def main() -> int:
     deadline = float(os.environ.get("OPTJOB_DEADLINE", "inf"))
     attempt = int(os.environ.get("OPTJOB_ATTEMPT", "1"))
     emitter.emit("step_started", index=0, kind="train", total=1)
+    if names := os.environ.get("STANDIN_ECHO_ENV"):  # what the workload's environment holds
+        with open("standin-env.json", "w") as out:  # the cwd is the job's folder
+            json.dump({n: os.environ.get(n) for n in names.split(",")}, out)
     for step in range(1, steps + 1):
         if stop["now"] or time.time() >= deadline:
             reason = "signal" if stop["now"] else "deadline"

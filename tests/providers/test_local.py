@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -118,3 +119,16 @@ def test_deadline_env_reaches_the_workload(standin_python, tmp_path, monkeypatch
     poll = wait(p, h)
     assert (poll.state, poll.exit_code) == (AttemptState.STOPPED, 4)
     assert events(p, h)[-1]["reason"] == "deadline"
+
+
+def test_spec_env_reaches_a_local_run(standin_python, tmp_path, monkeypatch):
+    """``env:`` applies to local runs as to nodes (it used to reach only SkyPilot's task)."""
+    spec = loads_spec("name: tiny\nmodel: {init: {}}\nsteps: [{train: {}}]\n"
+                      "env: {TOKENIZERS_PARALLELISM: 'false'}\n")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    monkeypatch.setenv("STANDIN_ECHO_ENV", "TOKENIZERS_PARALLELISM,OPTJOB_ATTEMPT")
+    p = LocalProvider(python=standin_python)
+    h = p.launch(LaunchRequest(spec=spec, job_dir=tmp_path, attempt=1, env={"OPTJOB_ATTEMPT": "1"}))
+    assert wait(p, h).state is AttemptState.SUCCEEDED
+    seen = json.loads((tmp_path / "standin-env.json").read_text())
+    assert seen == {"TOKENIZERS_PARALLELISM": "false", "OPTJOB_ATTEMPT": "1"}
