@@ -26,11 +26,13 @@ from .meter import (
     meter,
     over_budget,
     rate_usd_per_s,
+    reprice,
     slowest_checkpoint_s,
     stop_margin_s,
     teardown_margin_s,
 )
 from .outcome import Unsettled, record_settled, settle
+from .pricing.launched import Pricer, default_pricer
 from .store import AttemptRow, JobRow, Store
 
 #: How long ``status`` waits for an attempt it just killed (or asked to stop) to end.
@@ -74,7 +76,8 @@ def ingest(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow, h
     return events
 
 
-def observe(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow) -> Observation:
+def observe(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow,
+            pricer: Pricer | None = None) -> Observation:
     handle = Handle.from_json(attempt.handle or {})
     events = ingest(store, provider, job, attempt, handle)
     poll = provider.poll(handle)
@@ -94,9 +97,42 @@ def observe(store: Store, provider: Provider, job: JobRow, attempt: AttemptRow) 
         store.update_attempt(attempt.id, status=poll.state)
         _show_unknown(store, job, poll, was=attempt.status)
         attempt.status = poll.state.value
+    _note_billing(store, provider, attempt, poll, pricer)
     spent = meter(store, attempt, until=attempt.ended_at if attempt.released or _billed_to_end(provider, attempt)
-                  else None)
+                  else None, from_launch=provider.bills_from_launch)
     return Observation(attempt, poll, events, spent)
+
+
+def _note_billing(store: Store, provider: Provider, attempt: AttemptRow, poll: Poll, pricer: Pricer | None) -> None:
+    """What the meter needs from this poll, written on the attempt: when its node came to exist
+    (billing starts there; a provider that bills from launch starts at the attempt's start), when the
+    provider's own record says its resources were gone (billing ends there, however late this look
+    is), and the price of what runs now (``meter.reprice``)."""
+    now, update = store.clock.time(), {}
+    if attempt.billed_from is None and poll.placement is not None:
+        # Priced before billing starts: time before this look (a late manager's) is billed at the
+        # launched price, not the plan's.
+        reprice(store, attempt, poll.placement, poll.overhead, pricer or default_pricer(),
+                from_launch=provider.bills_from_launch)
+    if attempt.billed_from is None:
+        since = None
+        if provider.bills_from_launch:
+            since = attempt.started_at
+        elif poll.node_since is not None:
+            since = poll.node_since
+        elif poll.state.is_terminal() and not poll.no_node:
+            since = attempt.started_at  # it ran, and nothing says since when: from its launch
+        if since is not None:
+            update["billed_from"] = attempt.billed_from = max(attempt.started_at, min(since, now))
+    if poll.gone_at is not None and attempt.gone_at is None and (
+            poll.state.is_terminal() or poll.state is AttemptState.PREEMPTED):
+        floor = attempt.billed_from if attempt.billed_from is not None else attempt.started_at
+        update["gone_at"] = attempt.gone_at = max(floor, min(poll.gone_at, now))
+    if update:
+        store.update_attempt(attempt.id, **update)
+    if poll.placement is not None or poll.overhead is not None:
+        reprice(store, attempt, poll.placement, poll.overhead, pricer or default_pricer(),
+                from_launch=provider.bills_from_launch)
 
 
 def _show_unknown(store: Store, job: JobRow, poll: Poll, *, was: str) -> None:
@@ -136,6 +172,11 @@ def request_stop(store: Store, provider: Provider, job: JobRow, handle: Handle, 
     # "stopped at the budget cap", for this run and every later one).
     store.add_events(job.name, handle.attempt, [{"event": STOP_REQUESTED, "ts": store.clock.time(),
                                                  "attempt": handle.attempt, "reason": reason.value, "why": why}])
+    if provider.reads_stop_flag(handle):  # the node watches its storage: ask there, cancel at the escalation
+        from .stop_flag import write_stop_flag
+
+        if write_stop_flag(store, job, handle.attempt):
+            handle.data["stop_flag"] = True
     provider.stop(handle)
 
 
@@ -155,16 +196,17 @@ def enforce_stop(store: Store, provider: Provider, job: JobRow, obs: Observation
     elapsed = store.elapsed_seconds(job.name)
     if checkpoint_s is None:
         checkpoint_s = checkpoint_seconds(store, current)
+    spec = _spec_or_none(current)
     if current.stop_requested_at is None:
         why = over_budget(budget, spent=obs.spent, elapsed_s=elapsed, usd_per_s=rate,
-                          margin_s=stop_margin_s(provider.name, checkpoint_s))
+                          margin_s=stop_margin_s(provider.name, checkpoint_s, spec) + provider.stop_latency_s(handle))
         if why is None:
             return None
         request_stop(store, provider, current, handle, Reason.BUDGET, why)
         return f"budget: {why}; checkpointing and stopping"
     at_cap = over_budget(budget, spent=obs.spent, elapsed_s=elapsed, usd_per_s=rate,
-                         margin_s=teardown_margin_s(provider.name))
-    grace = grace_s(checkpoint_s)
+                         margin_s=teardown_margin_s(provider.name, spec))
+    grace = grace_s(checkpoint_s) + provider.stop_latency_s(handle)
     waited = store.clock.time() - current.stop_requested_at
     if at_cap is None and waited < grace:
         return None
@@ -173,6 +215,13 @@ def enforce_stop(store: Store, provider: Provider, job: JobRow, obs: Observation
            else f"still running {waited:.0f}s after the stop request (grace {grace:.0f}s): killed")
     store.update_job(job.name, message=why)
     return why
+
+
+def _spec_or_none(job: JobRow) -> Any:
+    try:
+        return job.spec()
+    except Exception:  # a record this version cannot read: the provider's plain margin
+        return None
 
 
 def release(store: Store, provider: Provider, attempt: AttemptRow) -> None:
@@ -196,7 +245,8 @@ def release(store: Store, provider: Provider, attempt: AttemptRow) -> None:
     # at its end instead of overlapping it.
     superseded = attempt.ended_at is not None and any(
         a.number > attempt.number for a in store.attempts(attempt.job_name, run=attempt.run))
-    meter(store, attempt, until=attempt.ended_at if superseded or _billed_to_end(provider, attempt) else now)
+    meter(store, attempt, until=attempt.ended_at if superseded or _billed_to_end(provider, attempt) else now,
+          from_launch=provider.bills_from_launch or (attempt.ended_at is None and attempt.status != "launching"))
     store.update_attempt(attempt.id, released=1, ended_at=attempt.ended_at or now)
     attempt.released = 1
 

@@ -106,6 +106,16 @@ class AttemptRow:
     spot: int
     log_offset: int
     released: int
+    #: When billing started: the node existed (None: not yet, or not known yet).
+    billed_from: float | None = None
+    #: When the provider's own record says the resources were gone (billing never runs past it).
+    gone_at: float | None = None
+    #: What the current price is for (``Placement.key()``), and where it came from (the ledger's source).
+    placement: str | None = None
+    price_source: str | None = None
+    #: Shared infrastructure kept up for this attempt (SkyPilot's jobs controller): USD/h and source.
+    overhead_usd: float = 0.0
+    overhead_source: str | None = None
 
     @property
     def handle(self) -> dict[str, Any] | None:
@@ -503,42 +513,54 @@ class Store:
     # ---- money ----------------------------------------------------------------------------------
 
     def add_ledger(self, job: str, attempt: int, *, seconds: float, usd: float, hourly_usd: float,
-                   nodes: int, spot: bool, note: str = "") -> None:
+                   nodes: int, spot: bool, note: str = "", source: str | None = None, kind: str = "node") -> None:
         with self.tx() as db:
             db.execute(
-                "INSERT INTO ledger (job_name, attempt, ts, seconds, usd, hourly_usd, nodes, spot, note) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job, attempt, self.clock.time(), seconds, usd, hourly_usd, nodes, int(spot), note),
+                "INSERT INTO ledger (job_name, attempt, ts, seconds, usd, hourly_usd, nodes, spot, note, source, kind) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job, attempt, self.clock.time(), seconds, usd, hourly_usd, nodes, int(spot), note, source, kind),
             )
 
     def bill_until(self, job: str, attempt: int, *, seconds: float, usd_per_s: float, hourly_usd: float,
-                   nodes: int, spot: bool) -> float:
-        """Bring the attempt's metered time up to ``seconds`` (since its start), in one write
-        transaction, so concurrent meters (apply, several ``status``) never bill a second twice.
-        Returns the seconds added."""
+                   nodes: int, spot: bool, source: str | None = None, kind: str = "node") -> float:
+        """Bring the attempt's metered time of ``kind`` (its nodes, or the ``controller`` that ran it) up
+        to ``seconds`` (since billing started), in one write transaction, so concurrent meters (apply,
+        several ``status``) never bill a second twice. The added line is priced at ``usd_per_s`` and
+        says where that price came from (``source``). Returns the seconds added."""
         with self.tx() as db:
-            billed = float(db.execute("SELECT COALESCE(SUM(seconds), 0) FROM ledger WHERE job_name = ? AND attempt = ?",
-                                      (job, attempt)).fetchone()[0])
+            billed = float(db.execute(
+                "SELECT COALESCE(SUM(seconds), 0) FROM ledger WHERE job_name = ? AND attempt = ? AND kind = ?",
+                (job, attempt, kind)).fetchone()[0])
             add = seconds - billed
             if add > 0:
                 db.execute(
-                    "INSERT INTO ledger (job_name, attempt, ts, seconds, usd, hourly_usd, nodes, spot, note) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, '')",
-                    (job, attempt, self.clock.time(), add, add * usd_per_s, hourly_usd, nodes, int(spot)),
+                    "INSERT INTO ledger (job_name, attempt, ts, seconds, usd, hourly_usd, nodes, spot, note, source, "
+                    "kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?)",
+                    (job, attempt, self.clock.time(), add, add * usd_per_s, hourly_usd, nodes, int(spot), source, kind),
                 )
         return max(0.0, add)
 
-    def spend(self, job: str, attempt: int | None = None) -> float:
+    def spend(self, job: str, attempt: int | None = None, kind: str | None = None) -> float:
+        """USD in the ledger for ``job`` (every line, the controller's included: it counts against the
+        budget), or for one attempt, or one kind (``node``, ``controller``)."""
         sql = "SELECT COALESCE(SUM(usd), 0) FROM ledger WHERE job_name = ?"
         args: list[Any] = [job]
         if attempt is not None:
             sql += " AND attempt = ?"
             args.append(attempt)
+        if kind is not None:
+            sql += " AND kind = ?"
+            args.append(kind)
         return float(self.db.execute(sql, args).fetchone()[0])
 
+    def ledger(self, job: str) -> list[sqlite3.Row]:
+        """The ledger lines of ``job``, in the order they were written."""
+        return list(self.db.execute("SELECT * FROM ledger WHERE job_name = ? ORDER BY id", (job,)))
+
     def elapsed_seconds(self, job: str) -> float:
-        """Metered wall time across every attempt of ``job`` (what ``max_hours`` caps)."""
-        row = self.db.execute("SELECT COALESCE(SUM(seconds), 0) FROM ledger WHERE job_name = ?", (job,)).fetchone()
+        """Metered wall time across every attempt of ``job`` (what ``max_hours`` caps): the nodes' lines."""
+        row = self.db.execute("SELECT COALESCE(SUM(seconds), 0) FROM ledger WHERE job_name = ? AND kind = 'node'",
+                              (job,)).fetchone()
         return float(row[0])
 
     def has_jobs_on(self, provider: str) -> bool:
@@ -547,8 +569,8 @@ class Store:
 
     def metered_seconds(self, job: str, attempt: int) -> float:
         row = self.db.execute(
-            "SELECT COALESCE(SUM(seconds), 0) FROM ledger WHERE job_name = ? AND attempt = ?", (job, attempt)
-        ).fetchone()
+            "SELECT COALESCE(SUM(seconds), 0) FROM ledger WHERE job_name = ? AND attempt = ? AND kind = 'node'",
+            (job, attempt)).fetchone()
         return float(row[0])
 
     def add_calibration(self, job: str, accelerator: str, model_params: int, precision: str,

@@ -97,6 +97,21 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN previous_json TEXT;
     """,
+    # 4 -> 5: the meter prices what ran. Each ledger line says where its price came from (``source``:
+    # ``catalog:aws/us-east-1/p3.2xlarge/spot``, ``live:...``, ``plan:...``) and what it bills
+    # (``kind``: the attempt's nodes, or the SkyPilot jobs controller that ran it); an attempt records
+    # when its node came to exist (``billed_from``), when the provider says it was gone (``gone_at``),
+    # what it was priced on (``placement``, ``price_source``) and its controller's rate and source.
+    """
+    ALTER TABLE ledger ADD COLUMN source TEXT;
+    ALTER TABLE ledger ADD COLUMN kind TEXT NOT NULL DEFAULT 'node';
+    ALTER TABLE attempts ADD COLUMN billed_from REAL;
+    ALTER TABLE attempts ADD COLUMN gone_at REAL;
+    ALTER TABLE attempts ADD COLUMN placement TEXT;
+    ALTER TABLE attempts ADD COLUMN price_source TEXT;
+    ALTER TABLE attempts ADD COLUMN overhead_usd REAL NOT NULL DEFAULT 0;
+    ALTER TABLE attempts ADD COLUMN overhead_source TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -96,6 +96,38 @@ class Handle:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """What a provider actually launched (not what the plan asked for): the meter prices this.
+
+    ``instance_type`` None means the provider could not say which (the meter then keeps the price it
+    had, or estimates one from ``cpus`` / ``memory_ratio``, as for SkyPilot's jobs controller)."""
+
+    cloud: str
+    region: str | None = None
+    zone: str | None = None
+    instance_type: str | None = None
+    spot: bool = False
+    nodes: int = 1
+    accelerators: str | None = None  # "A100:8"
+    #: For an estimate when ``instance_type`` is unknown: at least this many vCPUs, memory per vCPU (GiB).
+    cpus: float | None = None
+    memory_ratio: float | None = None
+    disk_gb: float | None = None
+
+    def key(self) -> str:
+        """``aws/us-east-1/p3.2xlarge/spot``: the ledger's source after the price's origin."""
+        kind = "spot" if self.spot else "on-demand"
+        return f"{self.cloud}/{self.region or '*'}/{self.instance_type or '?'}/{kind}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Placement:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
 class Poll:
     state: AttemptState
     exit_code: int | None = None
@@ -106,6 +138,17 @@ class Poll:
     spot: bool = False
     #: When the attempt ended (epoch seconds), if the provider knows; else the first terminal poll's time is used.
     ended_at: float | None = None
+    #: What runs now, as the provider launched it (None: it cannot say; the meter keeps its price).
+    placement: Placement | None = None
+    #: When the attempt's node(s) came to exist (epoch seconds); billing starts there. None: not said.
+    node_since: float | None = None
+    #: The provider knows no node of this attempt exists yet (queued, provisioning): nothing to bill.
+    no_node: bool = False
+    #: When the attempt's resources were gone by the provider's own record (SkyPilot's ``end_at``):
+    #: billing ends there, however late the manager looks. None: not known (billing runs to teardown).
+    gone_at: float | None = None
+    #: Shared infrastructure the attempt keeps up (SkyPilot's jobs controller), billed on its own line.
+    overhead: Placement | None = None
 
 
 class Provider(abc.ABC):
@@ -115,6 +158,9 @@ class Provider(abc.ABC):
     #: Whether an attempt's resources cost money after its workload ends, until ``teardown`` (cloud
     #: nodes do); when False, spend stops at the attempt's end however late the manager notices it.
     bills_until_teardown: ClassVar[bool] = True
+    #: Whether billing starts at launch (locally the process starts at once); when False it starts
+    #: when ``poll`` first reports a node (``Poll.node_since``), so time queued with no node is free.
+    bills_from_launch: ClassVar[bool] = True
 
     @abc.abstractmethod
     def launch(self, request: LaunchRequest) -> Handle:
@@ -178,6 +224,16 @@ class Provider(abc.ABC):
         within the provider's own written budget (the one retry layer at this
         boundary); the manager calls once and leaves an unconfirmed teardown for
         the next ``status``/``down``/``apply``."""
+
+    def reads_stop_flag(self, handle: Handle) -> bool:
+        """Whether the attempt's workload watches a stop flag in the job's storage (the manager writes it
+        before ``stop``; then ``stop`` need not, and must not, signal the workload a second time)."""
+        return False
+
+    def stop_latency_s(self, handle: Handle) -> float:
+        """Seconds a stop request takes to reach the workload (SkyPilot's managed jobs: the node polls a
+        flag); the manager asks that much earlier and waits that much longer before killing."""
+        return 0.0
 
     def outcome(self, handle: Handle) -> Poll | None:
         """How the attempt ended, from a durable record, when ``poll`` cannot say (``UNKNOWN``) or

@@ -51,7 +51,7 @@ class CopyResult:
         return self.detail
 
 
-def _run(argv: Sequence[str], out: BinaryIO) -> tuple[int, str]:
+def run(argv: Sequence[str], out: BinaryIO) -> tuple[int, str]:
     try:
         done = subprocess.run(list(argv), stdout=out, stderr=subprocess.PIPE, text=False, timeout=3600,
                               stdin=subprocess.DEVNULL)
@@ -67,7 +67,7 @@ def remote_command() -> str:
     return f"tar -C {REMOTE_JOB_DIR} {excludes} -czf - ."
 
 
-def copy_home(cluster: str, job_dir: Path, run: CommandRunner = _run, tries: int = 3) -> CopyResult:
+def copy_home(cluster: str, job_dir: Path, run: CommandRunner = run, tries: int = 3) -> CopyResult:
     """Copy the cluster's job folder into ``job_dir`` (files there are overwritten); ``tries`` times at
     most. Never raises: the caller tears down either way (the cluster's autostop would remove it anyway)
     and a failure is also written to ``COPY_FAILED_FILE``."""

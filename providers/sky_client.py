@@ -27,6 +27,25 @@ tests/providers/fake_sky.py copies the same; tests/providers/test_sky_contract.p
 * A managed job's ``last_recovered_at`` is -1 before it starts, its start time once RUNNING, and
   the time of every completed recovery — also those that do not bump ``recovery_count``
   (controller restarts, sky/jobs/state.py ``set_recovered_async``): it names the run.
+* What ran: a ``sky.status`` record (sky/schemas/api/responses.py:99 ``StatusResponse``) carries
+  ``handle`` (``launched_resources``: cloud, region, zone, instance_type, use_spot, accelerators;
+  ``launched_nodes``), ``resources_str_full`` and ``cloud`` / ``region``; a managed-job record
+  (sky/jobs/utils.py:3276-3292 ``_populate_job_record_from_handle``) carries ``cloud``, ``region``,
+  ``zone``, ``accelerators`` and ``cluster_resources_full`` (``2x[spot](gpus=A100:8, cpus=96,
+  mem=1152, p4d.24xlarge, disk=256)``, sky/utils/resources_utils.py:360-430 ``format_resource``:
+  the instance type is the one element without ``=``) while its cluster exists; once the job is
+  over the launched string falls back to the requested one (no instance type) and ``cloud`` /
+  ``region`` to the last ones cached (sky/jobs/utils.py:3462-3500). ``end_at`` is set when the job
+  ends (sky/jobs/state.py:1300-1368, :3932-3952, :4145-4157), None before. ``Launched`` = ``providers.base.Placement``.
+* The jobs controller is a cluster ``sky-jobs-controller-<id>`` in ``sky.status`` (controllers are
+  listed, sky/core.py ``status``; sky/utils/common.py:13 ``JOB_CONTROLLER_PREFIX``), launched with
+  ``CONTROLLER_RESOURCES`` (sky/jobs/constants.py:57: ``cpus: 4+``, ``memory: 4x``, ``disk_size: 50``)
+  unless ``jobs.controller.resources`` in the SkyPilot config says otherwise.
+* ``sky.jobs.cancel(graceful=True)`` (sky/jobs/client/sdk.py:547-608) only waits for MOUNT_CACHED
+  uploads (sky/core.py:789 ``_graceful_job_cancel``) after SIGTERMing the job (sky/skylet/job_lib.py
+  ``cancel_jobs``: ``killpg(SIGTERM)``, status CANCELLED at once); it does not wait for the workload's
+  own checkpoint upload. So a budget stop first asks the workload through a flag in its storage
+  (``sky_task.STOP_FLAG_KEY``), and cancels (gracefully) only when the grace has passed.
 * ``sky.launch`` / ``sky.jobs.launch`` return a request id at once; ``sky.stream_and_get`` blocks
   until the request ends and does not cancel it on Ctrl-C (sky/client/sdk.py): the request goes
   on running on the API server until ``sky.api_cancel``. Hence ``submit_*`` + ``wait`` +
@@ -44,7 +63,8 @@ from typing import Any, TextIO, TypeVar, cast
 
 from optjob.specs.errors import ProviderError
 
-from .base import TransientProviderError
+from .base import Placement, TransientProviderError
+from .sky_records import _field, _nodes_spot, _value, instance_type_of, placement_of  # noqa: F401 (re-exported)
 from .sky_task import build_task, job_output
 
 T = TypeVar("T")
@@ -58,6 +78,13 @@ MANAGED_TERMINAL = frozenset({"SUCCEEDED", "CANCELLED", "FAILED", "FAILED_SETUP"
 MANAGED_LAUNCHING = frozenset({"PENDING", "SUBMITTED", "STARTING"})
 #: sky.server.requests RequestStatus values of a request that has ended.
 REQUEST_DONE = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+#: The jobs controller's cluster name starts so (sky/utils/common.py:13).
+JOB_CONTROLLER_PREFIX = "sky-jobs-controller-"
+#: SkyPilot's default jobs-controller resources (sky/jobs/constants.py:57-61 CONTROLLER_RESOURCES):
+#: at least 4 vCPUs, 4 GiB per vCPU, a 50 GB disk, on demand.
+CONTROLLER_CPUS, CONTROLLER_MEMORY_RATIO, CONTROLLER_DISK_GB = 4.0, 4.0, 50.0
+#: Its autostop (sky/jobs/constants.py:65-68 CONTROLLER_AUTOSTOP): stopped (not down) after 10 idle minutes.
+CONTROLLER_IDLE_MINUTES = 10
 
 
 class TransientSkyError(TransientProviderError):
@@ -90,6 +117,7 @@ class ClusterInfo:
     nodes: int = 1
     spot: bool = False
     launched_at: float | None = None  # names this incarnation of the cluster (a relaunch changes it)
+    launched: Placement | None = None  # what runs (None: not provisioned yet, or not said)
 
 
 @dataclass(frozen=True)
@@ -103,6 +131,10 @@ class ManagedJob:
     nodes: int = 0
     spot: bool | None = None
     submitted_at: float | None = None
+    #: What the current run was launched on (None before it has a cluster, or not said).
+    launched: Placement | None = None
+    #: When the job ended (SkyPilot's ``end_at``; None while it is not over).
+    end_at: float | None = None
 
     @property
     def terminal(self) -> bool:
@@ -180,7 +212,8 @@ class SkyClient(abc.ABC):
     @abc.abstractmethod
     def cancel(self, cluster: str, job_id: int) -> None: ...
     @abc.abstractmethod
-    def jobs_cancel(self, job_id: int) -> None: ...
+    def jobs_cancel(self, job_id: int, graceful: bool = False) -> None:
+        """``sky.jobs.cancel``; ``graceful``: SkyPilot flushes MOUNT_CACHED uploads before the teardown."""
 
     @abc.abstractmethod
     def down(self, cluster: str) -> None:
@@ -193,6 +226,10 @@ class SkyClient(abc.ABC):
     def reachable(self) -> bool:
         """Whether SkyPilot answers now without being started (``optjob list`` asks before looking)."""
         return True
+
+    def jobs_controller(self) -> ClusterInfo | None:
+        """The jobs controller's cluster as ``sky.status`` lists it; None when there is none."""
+        return next((c for c in self.clusters() if c.name.startswith(JOB_CONTROLLER_PREFIX)), None)
 
 
 def find_orphans(client: SkyClient, known_finished_clusters: Iterable[str],
@@ -292,39 +329,13 @@ def translate_error(exc: BaseException, action: str) -> ProviderError:
     return cls(f"SkyPilot could not {action}: {text}", hint=hint)
 
 
-def _field(rec: Any, name: str, default: Any = None) -> Any:
-    if isinstance(rec, Mapping):
-        value = rec.get(name, default)
-    else:
-        value = getattr(rec, name, default)
-    return default if value is None else value
-
-
-def _value(status: Any) -> str:
-    return str(getattr(status, "value", status))
-
-
-_SPOT = re.compile(r"\[spot\]", re.I)
-
-
-def _nodes_spot(resources: str) -> tuple[int, bool | None]:
-    """Nodes and spot-ness from a SkyPilot resources string: ``2x[spot](gpus=A100:8, ...)`` (launched,
-    lowercase), ``1x(gpus=...)`` (launched on demand), ``1x[A100:8][Spot]`` (requested). Spot is
-    None when the string does not say (``-``, empty, or ``[On-demand|Spot]``: not launched yet)."""
-    text = (resources or "").strip()
-    m = re.match(r"(\d+)x", text)
-    nodes = int(m.group(1)) if m else 1
-    if not text or text == "-" or "On-demand|Spot" in text:
-        return nodes, None
-    return nodes, bool(_SPOT.search(text))
-
-
 class RealSkyClient(SkyClient):
     """SkyPilot 0.14's SDK. Each call goes to the SkyPilot API server (started
     locally on first use if no remote endpoint is configured)."""
 
     _JOB_FIELDS = ("job_id", "task_id", "job_name", "status", "recovery_count", "last_recovered_at",
-                   "failure_reason", "cluster_resources", "resources", "submitted_at")
+                   "failure_reason", "cluster_resources", "cluster_resources_full", "resources", "submitted_at",
+                   "end_at", "cloud", "region", "zone", "accelerators")
 
     def reachable(self) -> bool:
         """A health check of the API server; unlike every other call it never starts a local one."""
@@ -394,7 +405,8 @@ class RealSkyClient(SkyClient):
             launched = _field(r, "launched_at")
             out.append(ClusterInfo(name=_field(r, "name"), status=_value(_field(r, "status")),
                                    nodes=int(_field(r, "nodes", 1)), spot=bool(spot),
-                                   launched_at=float(launched) if launched is not None else None))
+                                   launched_at=float(launched) if launched is not None else None,
+                                   launched=placement_of(r)))
         return out
 
     def cluster(self, name: str, refresh: bool = False) -> ClusterInfo | None:
@@ -430,13 +442,15 @@ class RealSkyClient(SkyClient):
                 if resources.strip() in ("", "-"):
                     resources = str(_field(r, "resources", ""))
                 nodes, spot = _nodes_spot(resources)
+                end_at = _field(r, "end_at")
                 out.append(ManagedJob(
                     job_id=int(_field(r, "job_id")), name=str(_field(r, "job_name", "")),
                     status=_value(_field(r, "status", "")),
                     recovery_count=int(_field(r, "recovery_count", 0)),
                     last_recovered_at=_field(r, "last_recovered_at"),
                     failure_reason=str(_field(r, "failure_reason", "")), nodes=nodes, spot=spot,
-                    submitted_at=_field(r, "submitted_at")))
+                    submitted_at=_field(r, "submitted_at"), launched=placement_of(r),
+                    end_at=float(end_at) if isinstance(end_at, (int, float)) and end_at > 0 else None))
             return out
 
         return self._call("list managed jobs", go)
@@ -469,13 +483,13 @@ class RealSkyClient(SkyClient):
         self._call(f"cancel job {job_id} on {cluster}",
                    lambda: sky.get(sky.cancel(cluster, job_ids=[job_id])))
 
-    def jobs_cancel(self, job_id: int) -> None:
+    def jobs_cancel(self, job_id: int, graceful: bool = False) -> None:
         import sky
         from sky import exceptions, jobs
 
         def go() -> None:
             try:
-                sky.get(jobs.cancel(job_ids=[job_id]))
+                sky.get(jobs.cancel(job_ids=[job_id], graceful=graceful))
             except exceptions.ClusterNotUpError as exc:
                 raise controller_unavailable(exc) from exc
 

@@ -62,6 +62,19 @@ _INFRA = {"aws": "aws", "gcp": "gcp", "azure": "azure", "lambda": "lambda", "run
 #: TPU VM runtimes SkyPilot would otherwise guess (its default for v5e is the v5p image).
 _TPU_RUNTIME = {"tpu-v5litepod": "v2-alpha-tpuv5-lite", "tpu-v5p": "v2-alpha-tpuv5",
                 "tpu-v6e": "v2-alpha-tpuv6e", "tpu-v4": "tpu-ubuntu2204-base"}
+#: The stop flag in the job's storage (``OPTJOB_STORAGE``): the manager writes it to ask for a stop
+#: ({"first_attempt": A, "attempt": N}: nodes started as attempts A..N obey it; a later run's do not),
+#: the run script's watcher polls it every ``STOP_FLAG_POLL_S`` and SIGTERMs the workload, which
+#: checkpoints, uploads and exits 143. SkyPilot's own cancel would remove the node at once.
+STOP_FLAG_KEY = "control/stop.json"
+STOP_FLAG_POLL_S = 15.0
+#: With ``teardown: always`` a cluster goes down this many idle minutes after its job ends (the job
+#: is all it is for; a manager looking reads the end within a tick, one away reads the storage).
+FINAL_IDLE_MINUTES = 1
+#: SkyPilot's skylet checks autostop every 60 s (sky/skylet/events.py:268-283 StopEvent
+#: EVENT_INTERVAL_SECONDS); the managed-job controller checks its job every 15 s
+#: (sky/jobs/utils.py:95 JOB_STATUS_CHECK_GAP_SECONDS); terminating the instances then takes up to:
+AUTOSTOP_CHECK_S, MANAGED_CHECK_S, TERMINATE_S = 60.0, 15.0, 150.0
 _SECRETISH = re.compile(r"KEY|SECRET|TOKEN|PASSW|CREDENTIAL|AUTH|SESSION|COOKIE|PRIVATE", re.I)
 _ENV_NAME = re.compile(r"^OPTJOB_[A-Z0-9_]{1,64}$")
 
@@ -69,6 +82,26 @@ _ENV_NAME = re.compile(r"^OPTJOB_[A-Z0-9_]{1,64}$")
 def uses_managed_jobs(spec: JobSpec) -> bool:
     """Spot (true or auto) runs as a SkyPilot managed job, so preemptions relaunch."""
     return spec.resources.spot is not False
+
+
+def autostop_idle_minutes(spec: JobSpec) -> int:
+    """The autostop the cluster is launched with: ``FINAL_IDLE_MINUTES`` when teardown is ``always``
+    (nothing is kept for later, so after the workload's exit at its deadline the node goes down within
+    minutes with no manager alive), else the spec's ``autostop_minutes`` (kept for inspection, or for the
+    copy home of a run without storage, which a one-minute autostop could cut short)."""
+    if spec.teardown == "always" and not copies_home(spec):  # a copy home needs the cluster until it is done
+        return min(FINAL_IDLE_MINUTES, spec.resources.autostop_minutes)
+    return spec.resources.autostop_minutes
+
+
+def unattended_end_s(spec: JobSpec) -> float:
+    """Seconds from the workload's exit until its nodes are gone with no manager alive: a managed job's
+    controller notices the end and terminates its cluster; a cluster idles ``autostop_idle_minutes``,
+    waits for the skylet's next autostop check, then terminates. The manager's deadline for the node
+    leaves this much before the cap (``manager.meter.teardown_margin_s``)."""
+    if uses_managed_jobs(spec):
+        return MANAGED_CHECK_S + TERMINATE_S
+    return autostop_idle_minutes(spec) * 60.0 + AUTOSTOP_CHECK_S + TERMINATE_S
 
 
 def infra(spec: JobSpec) -> str | None:
@@ -98,7 +131,7 @@ def resources_config(spec: JobSpec) -> dict[str, Any]:
     picks the cheapest feasible); ``spot: auto`` adds an on-demand twin of each
     candidate, ``ordered`` spot-first when there is one accelerator choice."""
     res = spec.resources
-    common: dict[str, Any] = {"autostop": {"idle_minutes": res.autostop_minutes, "down": True}}
+    common: dict[str, Any] = {"autostop": {"idle_minutes": autostop_idle_minutes(spec), "down": True}}
     where = infra(spec)
     if where:
         common["infra"] = where
@@ -143,16 +176,23 @@ def node_env(spec: JobSpec, attempt: int, env: Mapping[str, str]) -> dict[str, s
     return dict(sorted(out.items()))
 
 
+def copies_home(spec: JobSpec) -> bool:
+    """An on-demand cloud run without ``storage.artifacts``: its job folder (results, final models, logs;
+    not checkpoints) is copied home from the cluster before teardown (``providers.home_copy``)."""
+    return not spec.storage.artifacts and not uses_managed_jobs(spec)
+
+
 def check_outputs_kept(spec: JobSpec) -> None:
     """No cloud run loses its outputs: the node pushes results, models and checkpoints to
-    ``storage.artifacts`` (a bucket, or a folder the nodes share at the same path), and a cluster's
-    disk goes with it at teardown, so a cloud run without storage is refused (spot without a bucket
-    already fails validation), naming the scheme that fits the cloud."""
-    if spec.storage.artifacts:
+    ``storage.artifacts`` (a bucket, or a folder the nodes share at the same path); an on-demand run
+    without one has its job folder copied home before teardown (``copies_home``). A managed (spot) run
+    without storage is refused (validation already says so), naming the scheme that fits the cloud:
+    its controller removes the cluster, with no moment to copy from."""
+    if spec.storage.artifacts or copies_home(spec):
         return
-    raise UsageError(f"{spec.name}: a cloud run keeps its results, final model and checkpoints in storage.artifacts, "
-                     f"and it has none: set storage.artifacts: {storage_example(spec.resources.cloud)} (the cluster's "
-                     "disk goes with it at teardown), or run on this machine with --local")
+    raise UsageError(f"{spec.name}: a spot run keeps its results, final model and checkpoints in storage.artifacts, "
+                     f"and it has none: set storage.artifacts: {storage_example(spec.resources.cloud)} (SkyPilot "
+                     "removes a spot cluster on its own), use spot: false, or run on this machine with --local")
 
 
 def require_secrets(spec: JobSpec, environ: Mapping[str, str]) -> dict[str, str]:
@@ -193,7 +233,8 @@ def node_requirements(spec: JobSpec, wheel_name: str, pins: Mapping[str, str]) -
                  "-f", TPU_WHEELS]
     else:
         first = [f"torch=={torch}", "--extra-index-url", index]
-    second = [f"$HOME/optjob-dist/{wheel_name}[workload]"]
+    tasks = any(getattr(s, "tasks", None) for s in [*spec.pipeline, *(s for v in spec.variants.values() for s in v)])
+    second = [f"$HOME/optjob-dist/{wheel_name}[workload{',eval' if tasks else ''}]"]
     sdk = STORAGE_SDK.get(spec.storage.scheme or "")
     if sdk:
         if sdk not in pins:
@@ -256,10 +297,37 @@ def _shell_word(arg: str) -> str:
     return shlex.quote(arg)
 
 
+#: The stop-flag watcher the run script starts beside the workload (see ``STOP_FLAG_KEY``).
+STOP_WATCHER = f"""import json, os, signal, sys, time
+pid, attempt = int(sys.argv[1]), int(os.environ.get("OPTJOB_ATTEMPT") or 0)
+try:
+    from optjob.steps.storage import open_storage
+    store = open_storage(os.environ["OPTJOB_STORAGE"], endpoint_url=os.environ.get("OPTJOB_STORAGE_ENDPOINT") or None)
+except Exception as exc:
+    print(f"[optjob] the stop flag is not watched: {{exc}}", file=sys.stderr, flush=True)
+    sys.exit(0)
+while True:
+    time.sleep(float(os.environ.get("OPTJOB_STOP_POLL_S") or {STOP_FLAG_POLL_S}))
+    try:
+        os.kill(pid, 0)
+        flag = json.loads(store.get_bytes({STOP_FLAG_KEY!r}) or b"null")
+        hit = isinstance(flag, dict) and int(flag["first_attempt"]) <= attempt <= int(flag["attempt"])
+    except ProcessLookupError:
+        sys.exit(0)
+    except Exception:
+        continue
+    if hit:
+        print("[optjob] stop requested: asking the workload to checkpoint", flush=True)
+        os.kill(pid, signal.SIGTERM)
+        sys.exit(0)
+"""
+
+
 def run_script() -> str:
     """Start the workload (torchrun across nodes) and forward SIGTERM to it, so a
     cancel lets it checkpoint; the exit-code line lets ``poll`` tell a graceful
-    stop (4 / 143) from a failure."""
+    stop (4 / 143) from a failure. With ``OPTJOB_STORAGE`` a watcher beside it turns the
+    manager's stop flag into that SIGTERM (``STOP_WATCHER``)."""
     job = '"$HOME/optjob-job"'
     return "\n".join([
         "set -u",
@@ -279,8 +347,16 @@ def run_script() -> str:
         "fi",
         "child=$!",
         "trap 'echo \"[optjob] SIGTERM: asking the workload to checkpoint\"; kill -TERM $child' TERM",
+        'watch=""',
+        'if [ -n "${OPTJOB_STORAGE:-}" ]; then',
+        "  cat > \"$HOME/optjob-stop-watch.py\" <<'OPTJOB_WATCH'",
+        STOP_WATCHER.rstrip("\n"),
+        "OPTJOB_WATCH",
+        '  "$py" -u "$HOME/optjob-stop-watch.py" "$child" & watch=$!',
+        "fi",
         'wait "$child"; rc=$?',
         'while kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done',
+        '[ -n "$watch" ] && kill "$watch" 2>/dev/null',
         # Under torchrun any failing worker makes rc 1; each node's local rank 0 records its own status.
         f'if [ -s {job}/exit-code ]; then rc=$(cat {job}/exit-code); fi',
         f'echo "{EXIT_MARKER} $rc"',
@@ -318,8 +394,18 @@ def input_mounts(job: Mapping[str, Any]) -> dict[str, str]:
     by the manager), mounted at the same path on the node so job.json stays valid there."""
     spec = job.get("spec") or {}
     model, data = spec.get("model") or {}, spec.get("data") or {}
-    paths = (model.get("path"), model.get("tokenizer"), data.get("source"))
+    paths = [model.get("path"), model.get("tokenizer"), data.get("source")]
+    paths += [str(Path(t).parent) for t in _task_files(spec)]  # a task file with its data files beside it
     return {p: p for p in paths if isinstance(p, str) and p.startswith("/") and Path(p).exists()}
+
+
+def _task_files(spec: Mapping[str, Any]) -> list[str]:
+    """The local lm-eval task files (``evaluate.tasks`` entries ending in .yaml) a job.json names."""
+    steps = list(spec.get("steps") or [])
+    steps += [s for e in steps if isinstance(e, dict) and "compare" in e for v in (e["compare"] or {}).values()
+              for s in v]
+    return [t for e in steps if isinstance(e, dict) for t in ((e.get("evaluate") or {}).get("tasks") or [])
+            if isinstance(t, str) and t.lower().endswith((".yaml", ".yml"))]
 
 
 def task_config(spec: JobSpec, *, attempt: int, env: Mapping[str, str], job_file: str | Path, wheel: str | Path,

@@ -36,6 +36,13 @@ Logs: SkyPilot only returns a job's whole log, so ``read_log`` fetches it at mos
 
 Exit codes: the run script prints ``[optjob] exit-code N``; ``poll`` reads it from
 the log for failed/cancelled jobs to tell ``STOPPED`` (4, 143) from ``FAILED``.
+
+Where the parts are: this module holds the provider's entry points and the cluster part;
+``sky_managed.py`` the managed-job part; ``sky_calls.py`` the retries, teardown confirmation and
+launch requests; ``sky_client.py`` / ``sky_records.py`` the SkyPilot SDK and its records;
+``sky_task.py`` the task. The meter's inputs (``Poll.placement``, ``node_since``, ``gone_at``,
+``overhead``) are described in ``sky_managed.py``; on a cluster, ``placement`` is the cluster's
+``launched_resources`` and ``node_since`` its ``launched_at``.
 """
 
 from __future__ import annotations
@@ -47,63 +54,56 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from optjob.specs.errors import ProviderError, TeardownError
-from optjob.steps.exit_codes import STOP_CODES
+from optjob.specs.errors import ProviderError
 from optjob.steps.layout import JOB_FILE, write_json_atomic
 
-from .base import AttemptState, Handle, LaunchRequest, Poll, Provider
+from .base import AttemptState, Handle, LaunchRequest, Poll
+from .home_copy import CommandRunner, copy_home
+from .home_copy import run as default_runner
+from .sky_calls import ended, read_request, request_file, slice_log
 from .sky_client import (
-    MANAGED_LAUNCHING,
     REQUEST_DONE,
     ClusterGone,
     ClusterNotUp,
-    ControllerUnavailable,
-    ManagedJob,
     RealSkyClient,
     SkyClient,
     TransientSkyError,
     find_orphans,
 )
+from .sky_managed import OWNER_FILE, ManagedJobs
 from .sky_task import (
+    STOP_FLAG_POLL_S,
+    autostop_idle_minutes,
     build_wheel,
     check_outputs_kept,
+    copies_home,
     exit_code_from_log,
     input_mounts,
     require_secrets,
     task_config,
+    unattended_end_s,
     uses_managed_jobs,
 )
 
-__all__ = ["SkyPilotProvider", "find_orphans", "read_request", "request_file"]
-T = TypeVar("T")
+__all__ = ["OWNER_FILE", "SkyPilotProvider", "find_orphans", "read_request", "request_file"]
 log = logging.getLogger(__name__)
-OWNER_FILE = "skypilot-managed.json"
 _LAUNCHING = {"INIT", "PENDING", "SETTING_UP", "STARTING", "SUBMITTED"}
 _FIXED = {"SUCCEEDED": (AttemptState.SUCCEEDED, 0, ""),
           "FAILED_DRIVER": (AttemptState.PREEMPTED, None, "the job driver died (node lost or OOM)"),
           "FAILED_SETUP": (AttemptState.FAILED, None, "setup failed on the node: see the attempt log")}
 
 
-def _slice(text: str, offset: int) -> tuple[str, int]:
-    data = text.encode("utf-8", "replace")
-    if len(data) <= offset:
-        return "", offset
-    chunk = data[offset:]
-    cut = chunk.rfind(b"\n")
-    if cut < 0:
-        return "", offset
-    return chunk[: cut + 1].decode("utf-8", "replace"), offset + cut + 1
-
-
-class SkyPilotProvider(Provider):
+class SkyPilotProvider(ManagedJobs):
     name = "skypilot"
+    bills_from_launch = False  # from the node's existence (Poll.node_since), not the request
 
     def __init__(self, client: SkyClient | None = None, *, wheel: str | Path | None = None,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.time, retries: int = 5,
                  backoff_s: float = 2.0, teardown_timeout_s: float = 900.0, confirm_interval_s: float = 10.0,
-                 stop_grace_s: float = 120.0, log_interval_s: float = 5.0) -> None:
+                 stop_grace_s: float = 120.0, log_interval_s: float = 5.0,
+                 copy_runner: CommandRunner | None = None) -> None:
         """``wheel``: the optjob wheel to ship (default: ``$OPTJOB_WHEEL``, else built from this
         checkout when a task is first submitted — not for an adopted managed job, not at import)."""
         self.client = client if client is not None else RealSkyClient()
@@ -113,6 +113,7 @@ class SkyPilotProvider(Provider):
         self.teardown_timeout_s, self.confirm_interval_s, self.stop_grace_s = (
             teardown_timeout_s, confirm_interval_s, stop_grace_s)
         self.log_interval_s = log_interval_s
+        self.copy_runner = copy_runner  # how a run without storage comes home (None: ssh, as home_copy says)
         #: (key of a run's log) -> (fetched at, text, final); key -> the run was seen ended.
         self._log_cache: dict[tuple[Any, ...], tuple[float, str, bool]] = {}
         self._ended_runs: set[tuple[Any, ...]] = set()
@@ -133,7 +134,12 @@ class SkyPilotProvider(Provider):
 
         (request.job_dir / "logs").mkdir(parents=True, exist_ok=True)
         data: dict[str, Any] = {"nodes": spec.resources.nodes, "spot": spec.resources.spot,
-                                "job_dir": str(request.job_dir)}
+                                "job_dir": str(request.job_dir), "cloud": spec.resources.cloud,
+                                "region": spec.resources.region, "unattended_s": unattended_end_s(spec)}
+        if copies_home(spec):
+            data["copy_home"] = True
+        if request.env.get("OPTJOB_DEADLINE"):  # the node is gone by deadline + unattended_s, whoever watches
+            data["deadline"] = float(request.env["OPTJOB_DEADLINE"])
         handle = Handle(provider=self.name, cluster=cluster, attempt=request.attempt, data=data)
         # SkyPilot's provisioning output goes to a file of its own, not the manager's terminal.
         with open(request.job_dir / "logs" / f"attempt-{request.attempt}.skypilot.log", "a") as out:
@@ -142,7 +148,7 @@ class SkyPilotProvider(Provider):
                 write_json_atomic(request.job_dir / OWNER_FILE, {"job_id": data["job_id"], "attempt": request.attempt})
             else:
                 data["mode"] = "cluster"
-                idle = spec.resources.autostop_minutes
+                idle = autostop_idle_minutes(spec)
                 data["job_id"] = self._launch_cluster(
                     lambda: self.client.submit_launch(config(), cluster, down=True, idle_minutes=idle), handle, out)
                 data.update(self._incarnation(cluster))
@@ -170,74 +176,6 @@ class SkyPilotProvider(Provider):
                 also = f"{handle.cluster} may still exist ({cleanup.message}): run `sky down {handle.cluster}`"
                 raise ProviderError(exc.message, hint="; ".join(filter(None, [exc.hint, also]))) from exc
             raise
-
-    def _launch_managed(self, config: Callable[[], dict[str, Any]], handle: Handle, out: Any) -> dict[str, Any]:
-        name, job_dir = handle.cluster, Path(handle.data["job_dir"])
-        mine = self._owner(job_dir).get("job_id")  # only a job launched for this job folder is adopted
-        job = None
-        if mine is not None:
-            try:
-                job = self._retry(lambda: self.client.managed_job(int(mine)))
-            except ControllerUnavailable as exc:
-                if not (exc.stopped or exc.absent):
-                    raise  # cannot tell whether it still runs: never submit a second one blind
-                job = None  # a stopped controller runs nothing, an absent one has nothing: the job has ended
-        if job is not None and job.name == name and not job.terminal and job.status != "CANCELLING":
-            # SkyPilot is already relaunching it: this attempt is its next run.
-            data: dict[str, Any] = {"mode": "managed", "job_id": job.job_id, "recovery_count": job.recovery_count,
-                                    "adopted": True}
-            if job.status == "RECOVERING" or job.run_mark is None:
-                data["prev_mark"] = job.run_mark  # the run after this one is ours
-            else:
-                data["mark"] = job.run_mark  # recovered already: the current run is ours
-            return data
-        handle.data["mode"] = "managed"
-        job_id = self._submit_and_wait(lambda: self.client.submit_jobs_launch(config(), name), handle, out)
-        return {"mode": "managed", "job_id": job_id, "recovery_count": 0, "adopted": False, "prev_mark": None}
-
-    def _submit_and_wait(self, submit: Callable[[], str], handle: Handle, out: Any) -> int:
-        """Submit (or adopt this attempt's recorded request), record the request id, wait for it."""
-        job_dir = Path(handle.data["job_dir"])
-        record = read_request(job_dir, handle.attempt)
-        if record.get("job_id") is not None and record.get("state") == "done":
-            return int(record["job_id"])
-        if record.get("request_id") and record.get("state") == "submitted":
-            rid = str(record["request_id"])  # a launch of this attempt already went out: wait for it
-        else:
-            rid = submit()
-            record = {"request_id": rid, "state": "submitted", "submitted_at": self.clock(),
-                      "handle": Handle(self.name, handle.cluster, handle.attempt, dict(handle.data)).to_json()}
-            write_json_atomic(request_file(job_dir, handle.attempt), record)
-        try:
-            job_id = self._retry(lambda: self.client.wait(rid, out))
-        except KeyboardInterrupt:
-            self._abandon(rid, handle, record)
-            raise
-        except TransientSkyError:
-            raise
-        except ProviderError:
-            write_json_atomic(request_file(job_dir, handle.attempt), {**record, "state": "failed"})
-            raise
-        write_json_atomic(request_file(job_dir, handle.attempt), {**record, "state": "done", "job_id": job_id})
-        return job_id
-
-    def _abandon(self, rid: str, handle: Handle, record: dict[str, Any]) -> None:
-        """Ctrl-C while waiting for a launch: SkyPilot's SDK leaves the request running on the API
-        server, so cancel it, then remove what it made. What is recorded first (``interrupted``) lets
-        ``adopt`` / ``down --orphans`` finish the job if a second Ctrl-C cuts this short."""
-        path = request_file(Path(handle.data["job_dir"]), handle.attempt)
-        write_json_atomic(path, {**record, "state": "interrupted"})
-        try:
-            self.client.cancel_request(rid)
-            status = self.client.request_status(rid)
-            job_id = self.client.wait(rid) if status == "SUCCEEDED" else None  # done before the cancel
-            if handle.data.get("mode") != "managed" or job_id is not None:
-                # A cancelled launch leaves its half-made cluster; a finished one, its job: remove them.
-                self.teardown(Handle(self.name, handle.cluster, handle.attempt, {**handle.data, "job_id": job_id}))
-        except ProviderError as exc:
-            log.warning("cleaning up the interrupted launch of %s: %s", handle.cluster, exc)
-            return
-        write_json_atomic(path, {**record, "state": "cancelled", "job_id": job_id})
 
     def adopt(self, job_dir: Path, attempt: int) -> Handle | None:
         record = read_request(job_dir, attempt)
@@ -283,8 +221,12 @@ class SkyPilotProvider(Provider):
     def _poll_cluster(self, handle: Handle) -> Poll:
         job_id, cluster = handle.data.get("job_id"), handle.cluster
         info = self.client.cluster(cluster)
+        # Autostop removes it at the latest ``unattended_s`` after the workload's deadline: billing ends
+        # there for a manager that looks later (when it looks sooner, its own look is the bound).
+        latest = (float(handle.data["deadline"]) + float(handle.data.get("unattended_s", 0.0))
+                  if handle.data.get("deadline") is not None else None)
         gone = Poll(AttemptState.LOST, detail=f"SkyPilot no longer has {cluster} (autostop removed it once idle, "
-                    "or it was torn down outside optjob); it kept no record of how the job ended")
+                    "or it was torn down outside optjob); it kept no record of how the job ended", gone_at=latest)
         if info is None:
             return gone
         if job_id is None:
@@ -292,6 +234,10 @@ class SkyPilotProvider(Provider):
         if info.status == "STOPPED":
             return Poll(AttemptState.PREEMPTED, detail=f"{cluster} was stopped outside optjob")
         nodes = info.nodes
+        # What runs, and since when (the cluster's launched_at: provisioning is over by then).
+        meter: dict[str, Any] = {"placement": info.launched, "spot": info.spot if info.launched is None
+                                 else info.launched.spot,
+                                 "node_since": info.launched_at if info.launched_at is not None else self.clock()}
         try:
             status = self.client.job_status(cluster, int(job_id))
         except ClusterGone:
@@ -304,83 +250,31 @@ class SkyPilotProvider(Provider):
                 return gone
             if again.status in ("STOPPED", "INIT"):
                 return Poll(AttemptState.PREEMPTED, detail=f"lost the nodes of {cluster} ({again.status}): "
-                            f"{exc.message}", nodes=again.nodes)
+                            f"{exc.message}", nodes=again.nodes, **meter)
             if isinstance(exc, ClusterNotUp) or again.status != "UP":
                 return Poll(AttemptState.UNKNOWN, detail=f"{cluster} is {again.status}: its jobs cannot be read "
-                            "now", nodes=again.nodes)
+                            "now", nodes=again.nodes, **meter)
             raise
         if status is None:
-            return Poll(AttemptState.LOST, detail=f"{cluster} does not know job {job_id}", nodes=nodes)
+            return Poll(AttemptState.LOST, detail=f"{cluster} does not know job {job_id}", nodes=nodes, **meter)
         if status in _LAUNCHING:
-            return Poll(AttemptState.LAUNCHING, detail=status.lower(), nodes=nodes)
+            return Poll(AttemptState.LAUNCHING, detail=status.lower(), nodes=nodes, **meter)
         if status == "RUNNING":
-            return Poll(AttemptState.RUNNING, nodes=nodes, detail="cluster unhealthy" if info.status == "INIT" else "")
-        return self._cluster_ended(handle, status, nodes)
+            return Poll(AttemptState.RUNNING, nodes=nodes, detail="cluster unhealthy" if info.status == "INIT" else "",
+                        **meter)
+        return self._cluster_ended(handle, status, nodes, **meter)
 
-    def _cluster_ended(self, handle: Handle, status: str, nodes: int) -> Poll:
+    def _cluster_ended(self, handle: Handle, status: str, nodes: int, **meter: Any) -> Poll:
         if status in _FIXED:
             state, code, detail = _FIXED[status]
-            return Poll(state, exit_code=code, detail=detail, nodes=nodes)
+            return Poll(state, exit_code=code, detail=detail, nodes=nodes, **meter)
         code = exit_code_from_log(self._logs(handle))
         if status == "CANCELLED" and code is None:
             asked = self._stop_requested_at(handle)
             if asked is not None and self.clock() - asked < self.stop_grace_s:
-                return Poll(AttemptState.RUNNING, detail="stopping: waiting for the checkpoint", nodes=nodes)
-            return Poll(AttemptState.STOPPED, detail="cancelled", nodes=nodes)
-        return self._ended(code, status.lower(), nodes)
-
-    @staticmethod
-    def _ended(code: int | None, detail: str, nodes: int = 0, spot: bool = False) -> Poll:
-        state = AttemptState.STOPPED if code in STOP_CODES else AttemptState.FAILED
-        state = AttemptState.SUCCEEDED if code == 0 else state
-        return Poll(state, exit_code=code, detail=detail, nodes=nodes, spot=spot)
-
-    def _poll_managed(self, handle: Handle) -> Poll:
-        job_id = int(handle.data["job_id"])
-        try:
-            job = self.client.managed_job(job_id)
-        except ControllerUnavailable as exc:
-            why = ("it stops once no managed job runs, so the job has ended; how is read from the job's "
-                   "storage or SkyPilot's table" if exc.stopped else "the job may still be running")
-            return Poll(AttemptState.UNKNOWN, detail=f"{exc.message} ({why})", spot=handle.data.get("spot") is True)
-        if job is None:
-            return Poll(AttemptState.LOST, detail=f"SkyPilot's managed-job table has no job {job_id}")
-        spot = job.spot if job.spot is not None else handle.data.get("spot") is True
-        nodes = job.nodes or int(handle.data.get("nodes", 1))
-        bound = self._run_of(handle)
-        if job.terminal:
-            if bound is not None and job.run_mark is not None and job.run_mark != bound:
-                return Poll(AttemptState.PREEMPTED, spot=spot, detail="a later run of the managed job ended it")
-            return self._managed_ended(handle, job, spot)
-        if job.status == "RECOVERING":
-            if bound is None:  # adopted during this recovery (or never saw a run): our run is coming
-                return Poll(AttemptState.LAUNCHING, detail="recovering from a preemption", spot=spot)
-            return Poll(AttemptState.PREEMPTED, spot=spot, detail=f"preempted; SkyPilot relaunches it "
-                        f"(recovery {job.recovery_count})")
-        if job.status in MANAGED_LAUNCHING or job.run_mark is None:
-            return Poll(AttemptState.LAUNCHING, detail=job.status.lower(), spot=spot)
-        if bound is None:
-            if job.run_mark == handle.data.get("prev_mark"):
-                return Poll(AttemptState.LAUNCHING, detail="recovering from a preemption", spot=spot)
-            self._bind(handle, job.run_mark)
-        elif job.run_mark != bound:
-            return Poll(AttemptState.PREEMPTED, spot=spot, detail="SkyPilot relaunched it while optjob was not "
-                        f"looking (recovery {job.recovery_count})")
-        return Poll(AttemptState.RUNNING, detail=job.status.lower(), nodes=nodes, spot=spot)
-
-    def _managed_ended(self, handle: Handle, job: ManagedJob, spot: bool) -> Poll:
-        why = f"{job.status.lower()}: {job.failure_reason}".rstrip(": ")
-        if job.status in ("SUCCEEDED", "CANCELLED"):
-            ok = job.status == "SUCCEEDED"
-            return Poll(AttemptState.SUCCEEDED if ok else AttemptState.STOPPED, exit_code=0 if ok else None,
-                        detail="" if ok else "cancelled", spot=spot)
-        if job.status == "FAILED":
-            return self._ended(exit_code_from_log(self._logs(handle)), why, spot=spot)
-        if job.status == "FAILED_CONTROLLER":
-            return Poll(AttemptState.LOST, detail=f"{why} (the SkyPilot jobs controller failed)", spot=spot)
-        hint = {"FAILED_NO_RESOURCE": " — no capacity: widen accelerators/regions or use spot: auto",
-                "FAILED_PRECHECKS": " — run `sky check`"}.get(job.status, "")
-        return Poll(AttemptState.FAILED, detail=why + hint, spot=spot)
+                return Poll(AttemptState.RUNNING, detail="stopping: waiting for the checkpoint", nodes=nodes, **meter)
+            return Poll(AttemptState.STOPPED, detail="cancelled", nodes=nodes, **meter)
+        return ended(code, status.lower(), nodes, **meter)
 
     def outcome(self, handle: Handle) -> Poll | None:
         """SkyPilot's own record of how the attempt ended: the managed-job table (a stopped jobs
@@ -388,11 +282,7 @@ class SkyPilotProvider(Provider):
         while the cluster still exists. None when SkyPilot has no record or cannot be asked."""
         try:
             if handle.data.get("mode") == "managed":
-                job = self.client.managed_job(int(handle.data["job_id"]), refresh=True)
-                if job is None or not job.terminal:
-                    return None
-                spot = job.spot if job.spot is not None else handle.data.get("spot") is True
-                return self._managed_ended(handle, job, spot)
+                return self._managed_outcome(handle)
             job_id = handle.data.get("job_id")
             info = self.client.cluster(handle.cluster, refresh=True)
             if info is None or job_id is None:
@@ -406,31 +296,6 @@ class SkyPilotProvider(Provider):
         polled = self._cluster_ended(handle, status, info.nodes)
         return polled if polled.state.is_terminal() else None
 
-    # -- which run of a managed job an attempt is ------------------------------------------------
-    @staticmethod
-    def _run_file(handle: Handle) -> Path | None:
-        job_dir = handle.data.get("job_dir")
-        return Path(job_dir) / "logs" / f"attempt-{handle.attempt}.skypilot-run.json" if job_dir else None
-
-    def _run_of(self, handle: Handle) -> float | None:
-        """The ``last_recovered_at`` of the run this attempt is (None: not seen yet)."""
-        if handle.data.get("mark") is not None:
-            return float(handle.data["mark"])
-        path = self._run_file(handle)
-        try:
-            mark = json.loads(path.read_text())["mark"] if path is not None else None
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return float(mark) if mark is not None else None
-
-    def _bind(self, handle: Handle, mark: float) -> None:
-        """Record that this attempt is the run ``mark`` (write-once; the manager rebuilds handles)."""
-        handle.data["mark"] = mark
-        path = self._run_file(handle)
-        if path is not None:
-            with contextlib.suppress(OSError):
-                write_json_atomic(path, {"job_id": handle.data.get("job_id"), "mark": mark})
-
     # -- logs -----------------------------------------------------------------------------------
     def _log_key(self, handle: Handle) -> tuple[Any, ...] | None:
         job_id = handle.data.get("job_id")
@@ -439,18 +304,6 @@ class SkyPilotProvider(Provider):
         if handle.data.get("mode") == "managed":
             return ("managed", int(job_id), self._run_of(handle))
         return ("cluster", handle.cluster, int(job_id))
-
-    def _logs(self, handle: Handle) -> str:
-        job_id = handle.data.get("job_id")
-        if job_id is None:
-            return ""
-        try:
-            if handle.data.get("mode") == "managed":
-                return self._again(lambda: self.client.managed_logs(int(job_id)))
-            return self._again(lambda: self.client.logs(handle.cluster, int(job_id)))
-        except ProviderError as exc:
-            log.debug("no log for %s: %s", handle.cluster, exc)
-            return ""
 
     def read_log(self, handle: Handle, offset: int) -> tuple[str, int]:
         if handle.data.get("mode") == "managed":
@@ -473,17 +326,27 @@ class SkyPilotProvider(Provider):
         now = self.clock()
         final = key in self._ended_runs  # poll saw the run end before this read: nothing more will come
         if cached is not None and (cached[2] or (not final and now - cached[0] < self.log_interval_s)):
-            return _slice(cached[1], offset)
+            return slice_log(cached[1], offset)
         text = self._logs(handle)
         if key is not None:
             self._log_cache[key] = (now, text, final)
-        return _slice(text, offset)
+        return slice_log(text, offset)
 
     def wait(self, handle: Handle, timeout_s: float) -> None:
         """SkyPilot offers no cheap end signal: sleep the tick (on the injected clock)."""
         self.sleep(timeout_s)
 
-    # -- stop / teardown ------------------------------------------------------------------------
+    # -- stop / kill / teardown -----------------------------------------------------------------
+    def reads_stop_flag(self, handle: Handle) -> bool:
+        """A managed job's node watches ``sky_task.STOP_FLAG_KEY`` (its cancel would remove the node at
+        once); a cluster job is cancelled directly (SIGTERM, the cluster stays until teardown), so no
+        flag: a second SIGTERM from the watcher would read as "stop now"."""
+        return handle.data.get("mode") == "managed"
+
+    def stop_latency_s(self, handle: Handle) -> float:
+        """A managed job is asked through the flag its node polls; a cluster job is SIGTERMed at once."""
+        return STOP_FLAG_POLL_S + 15.0 if handle.data.get("mode") == "managed" else 0.0
+
     def stop(self, handle: Handle) -> None:
         job_id = handle.data.get("job_id")
         if job_id is None:
@@ -494,9 +357,7 @@ class SkyPilotProvider(Provider):
                 write_json_atomic(self._stop_file(handle), {"stop_requested_at": now})
         try:
             if handle.data.get("mode") == "managed":
-                job = self._managed_now(int(job_id))
-                if job is not None and not job.terminal and not self._adopted_later(handle):
-                    self._retry(lambda: self.client.jobs_cancel(int(job_id)))
+                self._stop_managed(handle, int(job_id))
             elif self._retry(lambda: self.client.cluster(handle.cluster)) is not None:
                 self._retry(lambda: self.client.cancel(handle.cluster, int(job_id)))
         except ClusterGone:
@@ -504,132 +365,49 @@ class SkyPilotProvider(Provider):
         except ProviderError as exc:
             log.warning("stop %s: %s", handle.cluster, exc)
 
-    def _managed_now(self, job_id: int) -> ManagedJob | None:
-        """The managed job, retried; None when it is not in the table or the controller is stopped or
-        absent (a stopped controller runs no job: it stops only when idle)."""
+    def kill(self, handle: Handle) -> None:
+        """A managed job: cancel it (gracefully) and return, SkyPilot's controller removing its cluster;
+        a cluster: tear it down (confirmed)."""
+        if handle.data.get("mode") == "managed" and handle.data.get("job_id") is not None:
+            self._cancel_live(handle, int(handle.data["job_id"]))
+            return
+        if handle.data.get("copy_home"):  # the money is at hand: no time to copy what the cluster holds
+            self._note_home(handle, "outputs not copied home: the budget was at hand when the cluster was "
+                                    "killed (set storage.artifacts to keep them)")
+        self._down_confirmed(handle.cluster)
+
+    def _copy_home(self, handle: Handle) -> None:
+        """A run without storage: bring the cluster's job folder home once, before ``down`` (a failure is
+        written to the job's folder and the attempt's SkyPilot log; the cluster goes down either way)."""
+        job_dir = handle.data.get("job_dir")
+        if not handle.data.get("copy_home") or not job_dir:
+            return
+        marker = Path(job_dir) / f".copied-home-{handle.attempt}"
+        if marker.exists():
+            return
         try:
-            return self._retry(lambda: self.client.managed_job(job_id))
-        except ControllerUnavailable as exc:
-            if exc.stopped or exc.absent:
-                return None
-            raise
+            if self._retry(lambda: self.client.cluster(handle.cluster)) is None:
+                self._note_home(handle, f"outputs not copied home: {handle.cluster} was already gone")
+                return
+        except ProviderError:
+            pass  # SkyPilot cannot say: try the copy, which says what went wrong
+        result = copy_home(handle.cluster, Path(job_dir), run=self.copy_runner or default_runner)
+        self._note_home(handle, result.detail)
+        if result.copied:
+            marker.touch()
+
+    @staticmethod
+    def _note_home(handle: Handle, line: str) -> None:
+        log.warning("%s: %s", handle.cluster, line)
+        job_dir = handle.data.get("job_dir")
+        if job_dir:
+            with contextlib.suppress(OSError), \
+                    open(Path(job_dir) / "logs" / f"attempt-{handle.attempt}.skypilot.log", "a") as out:
+                out.write(f"[optjob] {line}\n")
 
     def teardown(self, handle: Handle) -> None:
         if handle.data.get("mode") != "managed":
+            self._copy_home(handle)
             self._down_confirmed(handle.cluster)
             return
-        if handle.data.get("job_id") is None:
-            return  # nothing was submitted
-        job_id = int(handle.data["job_id"])
-        if self._adopted_later(handle):
-            return  # the job's resources now belong to a later attempt
-        try:
-            job = self._managed_now(job_id)
-            if job is not None and not job.terminal and job.status != "CANCELLING":
-                self._retry(lambda: self.client.jobs_cancel(job_id))
-        except ProviderError as exc:
-            raise TeardownError(f"could not cancel managed job {job_id}: {exc.message}",
-                                hint=f"retry `optjob down`, or `sky jobs cancel {job_id}`") from exc
-
-        # A terminal managed job's cluster has been cleaned up by SkyPilot's controller.
-        def gone() -> bool:
-            try:
-                job = self.client.managed_job(job_id)
-            except ControllerUnavailable as exc:
-                if exc.stopped or exc.absent:
-                    return True
-                raise
-            return job is None or job.terminal
-
-        self._confirm(gone, f"managed job {job_id} ({handle.cluster})", f"sky jobs cancel {job_id}")
-
-    @staticmethod
-    def _stop_file(handle: Handle) -> Path:
-        return Path(handle.data["job_dir"]) / "logs" / f"attempt-{handle.attempt}.stop.json"
-
-    def _stop_requested_at(self, handle: Handle) -> float | None:
-        if "stop_requested_at" in handle.data:
-            return float(handle.data["stop_requested_at"])
-        try:
-            return float(json.loads(self._stop_file(handle).read_text())["stop_requested_at"])
-        except (KeyError, OSError, ValueError, TypeError):
-            return None
-
-    @staticmethod
-    def _owner(job_dir: Path) -> dict[str, Any]:
-        """``JOB_DIR/skypilot-managed.json``: the managed job of this job folder and its latest attempt."""
-        try:
-            owner = json.loads((job_dir / OWNER_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
-        return owner if isinstance(owner, dict) else {}
-
-    def _adopted_later(self, handle: Handle) -> bool:
-        if not handle.data.get("job_dir"):
-            return False
-        owner = self._owner(Path(handle.data["job_dir"]))
-        return owner.get("job_id") == handle.data.get("job_id") and int(owner.get("attempt", 0)) > handle.attempt
-
-    def _down_confirmed(self, cluster: str) -> None:
-        try:
-            self._retry(lambda: self.client.down(cluster))
-        except ProviderError as exc:
-            raise TeardownError(f"could not tear down {cluster}: {exc.message}",
-                                hint=exc.hint or f"retry `optjob down`, or `sky down {cluster}`") from exc
-        self._confirm(lambda: self.client.cluster(cluster, refresh=True) is None, f"cluster {cluster}",
-                      f"sky down {cluster}")
-
-    def _confirm(self, gone: Callable[[], bool], what: str, manual: str) -> None:
-        deadline = self.clock() + self.teardown_timeout_s
-        while True:
-            try:
-                if gone():
-                    return
-            except TransientSkyError as exc:
-                log.info("confirming teardown of %s: %s", what, exc)
-            except ProviderError as exc:
-                raise TeardownError(f"could not confirm {what} is gone: {exc.message}", hint=exc.hint) from exc
-            if self.clock() >= deadline:
-                raise TeardownError(f"SkyPilot still reports {what} after {self.teardown_timeout_s:.0f}s",
-                                    hint=f"retry `optjob down`, or run `{manual}`")
-            self.sleep(self.confirm_interval_s)
-
-    def _again(self, fn: Callable[[], T]) -> T:
-        """One quick second try after a blip (a poll or a log read must not wait long); a jobs controller
-        that cannot be asked is a state, not a blip: it is not retried here."""
-        try:
-            return fn()
-        except ControllerUnavailable:
-            raise
-        except TransientSkyError as exc:
-            log.info("SkyPilot: %s; trying once more", exc)
-            self.sleep(min(self.backoff_s, 1.0))
-            return fn()
-
-    def _retry(self, fn: Callable[[], T]) -> T:
-        delay = self.backoff_s
-        for attempt in range(1, self.retries + 1):
-            try:
-                return fn()
-            except TransientSkyError as exc:
-                if attempt == self.retries:
-                    raise
-                log.info("SkyPilot: %s; retrying in %.0fs", exc, delay)
-                self.sleep(delay)
-                delay = min(delay * 2, 60.0)
-        raise AssertionError("unreachable")
-
-
-def request_file(job_dir: Path, attempt: int) -> Path:
-    """Where an attempt's launch request is recorded before the manager waits for it."""
-    return job_dir / "logs" / f"attempt-{attempt}.skypilot-request.json"
-
-
-def read_request(job_dir: Path, attempt: int) -> dict[str, Any]:
-    """The recorded launch request of an attempt: ``request_id``, ``state`` (submitted, done, failed,
-    interrupted, cancelled), ``job_id`` once known, ``submitted_at`` and the ``handle`` it will get."""
-    try:
-        record = json.loads(request_file(job_dir, attempt).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+        self._teardown_managed(handle)

@@ -1,6 +1,9 @@
 """``optjob cost [NAME] [--since 7d]``: where the money went — one row per attempt with when it
-was launched, where it ran and what it cost (as ``sky cost-report`` does), totals per cloud and per
-accelerator, and each job's spend beside its estimate."""
+was launched, where it ran and what it cost (as ``sky cost-report`` does), a row per job for the
+SkyPilot jobs controller that ran its managed jobs (its own ledger lines, counted in the job's
+spend and against its budget), totals per cloud and per accelerator, and each job's spend beside
+its estimate. Where an attempt ran is what the provider launched when it said so (the ledger's
+price source, ``catalog:aws/us-east-1/p3.2xlarge/spot``), else the plan's offer."""
 
 from __future__ import annotations
 
@@ -53,32 +56,59 @@ def cost_rows(store: Store, name: str, since: float | None = None) -> dict[str, 
     cloud, accelerators, _ = placement(job)
     attempts = []
     now = store.clock.time()
+    controller: dict[str, Any] = {"usd": 0.0, "seconds": 0.0, "source": None}
     for a in store.attempts(name):
         if since is not None and a.ended_at is not None and a.ended_at < since:
             continue  # over before the window: it cost nothing in it
         end = a.ended_at or now
+        launched = (a.placement or "").split("/")
+        where_cloud = launched[0] if len(launched) == 4 else cloud
+        instance = launched[2] if len(launched) == 4 and launched[2] != "?" else None
         attempts.append({
             "attempt": a.number, "run": a.run, "status": a.status, "launched_at": a.started_at,
-            "ended_at": a.ended_at, "duration_s": round(end - a.started_at, 2), "cloud": cloud,
-            "accelerators": accelerators, "hourly_usd": a.hourly_usd, "nodes": a.nodes, "spot": bool(a.spot),
-            "usd": round(store.spend(name, a.number), 6),
+            "ended_at": a.ended_at, "duration_s": round(end - a.started_at, 2), "cloud": where_cloud,
+            "accelerators": accelerators, "instance_type": instance, "hourly_usd": a.hourly_usd, "nodes": a.nodes,
+            "spot": bool(a.spot), "price_source": a.price_source or "plan",
+            "billed_from": a.billed_from, "usd": round(store.spend(name, a.number, kind="node"), 6),
             "exit_code": a.exit_code, "ended_because": a.detail or a.status, "released": bool(a.released),
         })
+        ctl = store.spend(name, a.number, kind="controller")
+        if ctl > 0:
+            controller["usd"] += ctl
+            controller["source"] = a.overhead_source
+            controller["hourly_usd"] = a.overhead_usd
+            controller["cloud"] = where_cloud
+    controller["usd"] = round(controller["usd"], 6)
     chosen = plan.get("chosen") or {}
     return {"name": name, "status": job.status.value if job else None,
             "reason": job.reason.value if job and job.reason else None,
             "spent_usd": round(store.spend(name), 6), "estimated_usd": chosen.get("est_usd"),
             "estimated_hours": chosen.get("est_hours"), "max_usd": (plan.get("budget") or {}).get("max_usd"),
-            "cloud": cloud, "accelerators": accelerators, "attempts": attempts}
+            "cloud": cloud, "accelerators": accelerators, "attempts": attempts,
+            "controller": controller if controller["usd"] > 0 else None}
 
 
 def totals(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
-    """Spend of the attempts shown, by ``cloud`` or ``accelerators``, largest first."""
+    """Spend of the attempts shown, by ``cloud`` or ``accelerators`` (the controller: its cloud, and
+    ``jobs controller``), largest first."""
     out: dict[str, float] = {}
     for r in rows:
         for a in r["attempts"]:
             out[a[key]] = out.get(a[key], 0.0) + a["usd"]
+        if r.get("controller"):
+            k = r["controller"].get("cloud", r["cloud"]) if key == "cloud" else "jobs controller"
+            out[k] = out.get(k, 0.0) + r["controller"]["usd"]
     return {k: round(v, 6) for k, v in sorted(out.items(), key=lambda kv: (-kv[1], kv[0]))}
+
+
+def job_spend(row: dict[str, Any]) -> float:
+    """What the rows shown of a job cost: its attempts' nodes and its jobs controller."""
+    return sum(a["usd"] for a in row["attempts"]) + (row["controller"]["usd"] if row.get("controller") else 0.0)
+
+
+def _where(a: dict[str, Any]) -> str:
+    return " ".join(x for x in (a["cloud"], a.get("instance_type") or a["accelerators"],
+                                "spot" if a["spot"] else "") if x)
 
 
 def cost_command(name: str | None, as_json: bool, since: str | None = None) -> None:
@@ -93,7 +123,7 @@ def cost_command(name: str | None, as_json: bool, since: str | None = None) -> N
     rows = [cost_rows(store, n, start) for n in names]
     if start is not None:
         rows = [r for r in rows if r["attempts"]]
-    total = sum(a["usd"] for r in rows for a in r["attempts"])
+    total = sum(job_spend(r) for r in rows)
     by_cloud, by_gpu = totals(rows, "cloud"), totals(rows, "accelerators")
     if as_json:
         click.echo(json.dumps({"jobs": rows, "total_usd": round(total, 6), "since": start,
@@ -104,14 +134,19 @@ def cost_command(name: str | None, as_json: bool, since: str | None = None) -> N
     if not attempts:
         click.echo(f"no attempts{window}" if start is not None else "nothing spent yet: no attempts")
         return
-    print_fitted([{"job": r["name"], "#": str(a["attempt"]), "launched (UTC)": utc(a["launched_at"]),
-                   "where": " ".join(x for x in (a["cloud"], a["accelerators"], "spot" if a["spot"] else "") if x),
-                   "duration": duration(a["duration_s"]), "$/h": money(a["hourly_usd"] * a["nodes"]),
-                   "spent": money(a["usd"]), "ended": a["status"] if a["ended_at"] else "running"}
-                  for r, a in attempts], COST_COLUMNS, title=f"Attempts{window}", keep=2)
+    lines = [{"job": r["name"], "#": str(a["attempt"]), "launched (UTC)": utc(a["launched_at"]),
+              "where": _where(a), "duration": duration(a["duration_s"]), "$/h": money(a["hourly_usd"] * a["nodes"]),
+              "spent": money(a["usd"]), "ended": a["status"] if a["ended_at"] else "running"}
+             for r, a in attempts]
+    for r in rows:
+        if (ctl := r.get("controller")) is not None:  # its own line: counted in the job's spend and budget
+            lines.append({"job": r["name"], "#": "ctl", "launched (UTC)": utc(r["attempts"][0]["launched_at"]),
+                          "where": f"SkyPilot jobs controller ({ctl['source'] or '?'})", "duration": "-",
+                          "$/h": money(ctl.get("hourly_usd")), "spent": money(ctl["usd"]), "ended": "-"})
+    print_fitted(lines, COST_COLUMNS, title=f"Attempts{window}", keep=2)
     click.echo()
     print_fitted([{"job": r["name"], "status": job_status_text(r["status"] or "-", r["reason"]),
-                   "spent": money(sum(a["usd"] for a in r["attempts"])), "estimated": money(r["estimated_usd"]),
+                   "spent": money(job_spend(r)), "estimated": money(r["estimated_usd"]),
                    "cap": money(r["max_usd"])} for r in rows],
                  ("job", "spent", "estimated", "status", "cap"), title=f"Jobs{window}", keep=2)
     click.echo()

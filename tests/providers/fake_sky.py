@@ -45,6 +45,22 @@ It copies SkyPilot 0.14.1 as observed in its installed source (paths under
   managed job goes CANCELLING while the controller collects its logs and terminates its cluster,
   then CANCELLED (jobs/controller.py:3455-3530, the cancel path of the job loop) — here
   after ``cancel_lag`` more table reads. ``on_sigterm`` lets a test play the workload's answer.
+* What ran (``launched``, a ``providers.base.Placement``): a cluster record's
+  ``handle.launched_resources`` / ``launched_nodes`` (schemas/api/responses.py:99 ``StatusResponse``),
+  a managed job's ``cloud`` / ``region`` / ``cluster_resources_full`` while its cluster exists
+  (jobs/utils.py:3276-3292); none while a managed job is PENDING or STARTING before its cluster is
+  made (``provision`` makes it: STARTING with a node). A recovery can land on another instance type
+  (``recover(onto=...)``: SkyPilot's recovery strategy relaunches on any candidate of the task's
+  resources, jobs/recovery_strategy.py). ``lands_on`` is what provisioning gets; None (the default)
+  is a record that says nothing of what was launched, as SkyPilot's ``-`` before a handle exists.
+* ``end_at`` is set when a managed job reaches a terminal status (jobs/state.py:3932-3952
+  ``set_succeeded_async``, :1300-1368 ``set_failed``, :4145-4157 ``set_cancelled_async``); None before.
+* The jobs controller is a cluster ``sky-jobs-controller-<id>`` in ``sky.status`` (sky/core.py
+  ``status`` lists controllers; utils/common.py:13): ``jobs_controller`` answers it while it exists,
+  with ``controller_launched`` as its launched resources (SkyPilot's default: jobs/constants.py:57
+  ``cpus: 4+, memory: 4x, disk_size: 50``).
+* ``jobs.cancel(graceful=...)`` (jobs/client/sdk.py:547-608): recorded as ``("jobs_cancel", id)`` and
+  ``("jobs_cancel_graceful", id)`` when graceful.
 * Log lines carry Ray's prefix with the task's name: ``(optjob-NAME, pid=N)`` on one node,
   ``(head, rank=0, pid=N)`` / ``(worker1, rank=1, pid=N)`` on several (backends/task_codegen.py:660-668,
   ``name_str``).
@@ -56,6 +72,7 @@ import copy
 import itertools
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +80,9 @@ from typing import Any, TextIO
 
 import pytest
 import yaml
+from optjob.providers.base import Placement
 from optjob.providers.sky_client import (
+    JOB_CONTROLLER_PREFIX,
     MANAGED_TERMINAL,
     ClusterGone,
     ClusterInfo,
@@ -117,6 +136,7 @@ class FakeCluster:
     launched_at: float = 0.0
     #: Removed by autostop while SkyPilot's cache still says UP: unrefreshed status calls list it.
     stale: bool = False
+    launched: Placement | None = None
 
 
 @dataclass
@@ -132,6 +152,8 @@ class FakeManaged:
     wants_spot: bool | str = True
     submitted_at: float = 0.0
     cancel_reads: int | None = None  # CANCELLING: reads left before CANCELLED
+    launched: Placement | None = None  # the current run's cluster (None: no cluster yet, or not said)
+    end_at: float | None = None
 
     @property
     def task(self) -> str:
@@ -173,12 +195,20 @@ class FakeSky(SkyClient):
         self.on_wait: Callable[[FakeRequest], None] | None = None  # runs inside wait(), before it blocks
         self.on_sigterm: Callable[[FakeJob | FakeManaged], None] | None = None
         self.auto_lands_on_demand = False
+        self.lands_on: Placement | None = None  # what provisioning gets (None: records do not say)
+        self.controller_launched: Placement | None = None  # the jobs controller's launched resources
         self._status_calls = 0
         self._ids = itertools.count(1)
         self._rids = itertools.count(1)
         self._counter = itertools.count(1)
-        self._clock = clock or (lambda: 1_700_000_000.0 + next(self._counter))
+        self._last = 0.0
+        self._clock = clock or self._real_time
         self.lock = threading.RLock()  # the test thread plays the cloud while a manager thread polls
+
+    def _real_time(self) -> float:
+        """Wall time, as SkyPilot stamps its records, made strictly increasing (each run mark differs)."""
+        self._last = max(time.time(), self._last + 0.001)
+        return self._last
 
     # -- scripting helpers used by tests ------------------------------------------------------
     def line(self, target: FakeJob | FakeManaged, text: str, pid: int = 4242) -> None:
@@ -191,26 +221,37 @@ class FakeSky(SkyClient):
     def exit(self, target: FakeJob | FakeManaged, code: int, status: str | None = None) -> None:
         self.line(target, f"{EXIT_MARKER} {code}")
         target.status = status or ("SUCCEEDED" if code == 0 else "FAILED")
+        if isinstance(target, FakeManaged) and target.status in MANAGED_TERMINAL:
+            target.end_at = self._clock()  # the controller then removes the cluster
 
     def job(self, cluster: str, job_id: int) -> FakeJob:
         return self.clusters_[cluster].jobs[job_id]
+
+    def provision(self, job_id: int) -> FakeManaged:
+        """The managed job's cluster is made (STARTING, a node exists: setup runs); not started yet."""
+        job = self.managed[job_id]
+        job.status, job.launched = "STARTING", job.launched or self.lands_on
+        return job
 
     def start(self, job_id: int) -> FakeManaged:
         """The managed job's first run starts (``set_started_async``: last_recovered_at = now)."""
         job = self.managed[job_id]
         job.status, job.last_recovered_at = "RUNNING", self._clock()
+        job.launched = job.launched or self.lands_on
         return job
 
     def preempt(self, job_id: int) -> None:
         self.managed[job_id].status = "RECOVERING"
 
-    def recover(self, job_id: int, counted: bool = True) -> None:
+    def recover(self, job_id: int, counted: bool = True, onto: Placement | None = None) -> None:
         """A recovery completes (``set_recovered_async``): a new run with a new log; the count is
-        bumped only for a failure recovery, not for a controller restart (``counted=False``)."""
+        bumped only for a failure recovery, not for a controller restart (``counted=False``);
+        ``onto``: the instance it landed on this time (else what provisioning gets now)."""
         job = self.managed[job_id]
         job.status, job.last_recovered_at = "RUNNING", self._clock()
         job.recovery_count += 1 if counted else 0
         job.log = []
+        job.launched = onto or self.lands_on
 
     def stop_controller(self) -> None:
         """The jobs controller autostops — only when no managed job is live, as SkyPilot's does."""
@@ -273,7 +314,8 @@ class FakeSky(SkyClient):
             if c is None or c.stale or c.downed_at_call is not None:  # provisioning starts on the server at once
                 spot = _wants_spot(task)
                 self.clusters_[cluster] = FakeCluster(cluster, int(task.get("num_nodes", 1)), status="INIT",
-                                                      spot=spot is True, launched_at=self._clock())
+                                                      spot=spot is True, launched_at=self._clock(),
+                                                      launched=self.lands_on)
             return rid
 
     def submit_jobs_launch(self, task: Mapping[str, Any], name: str) -> str:
@@ -298,7 +340,7 @@ class FakeSky(SkyClient):
             if c is None or c.stale or c.downed_at_call is not None:
                 c = self.clusters_[req.target] = FakeCluster(req.target, int(req.task.get("num_nodes", 1)),
                                                              spot=_wants_spot(req.task) is True,
-                                                             launched_at=self._clock())
+                                                             launched_at=self._clock(), launched=self.lands_on)
             c.status = "UP"  # also restarts a STOPPED cluster, as sky.launch does
             job_id = next(self._ids)
             c.jobs[job_id] = FakeJob(task=str(req.task.get("name", "task")), nodes=c.nodes)
@@ -350,15 +392,23 @@ class FakeSky(SkyClient):
                 if refresh:
                     del self.clusters_[name]
                     return None
-                return ClusterInfo(name=name, status="UP", nodes=c.nodes, spot=c.spot, launched_at=c.launched_at)
+                return ClusterInfo(name=name, status="UP", nodes=c.nodes, spot=c.spot, launched_at=c.launched_at,
+                                   launched=c.launched)
             downed = c.downed_at_call
             if downed is not None and name not in self.stuck and self._status_calls - downed > self.down_lag:
                 del self.clusters_[name]
                 return None
-            return ClusterInfo(name=name, status=c.status, nodes=c.nodes, spot=c.spot, launched_at=c.launched_at)
+            return ClusterInfo(name=name, status=c.status, nodes=c.nodes, spot=c.spot, launched_at=c.launched_at,
+                               launched=c.launched)
 
     def clusters(self) -> list[ClusterInfo]:
         return [info for n in list(self.clusters_) if (info := self.cluster(n)) is not None]
+
+    def jobs_controller(self) -> ClusterInfo | None:
+        if self.controller in ("NONE",):
+            return None
+        status = {"UP": "UP", "STOPPED": "STOPPED"}.get(self.controller, "INIT")
+        return ClusterInfo(name=f"{JOB_CONTROLLER_PREFIX}1a2b3c4d", status=status, launched=self.controller_launched)
 
     def _live_cluster(self, cluster: str) -> FakeCluster:
         c = self.clusters_.get(cluster)
@@ -409,15 +459,18 @@ class FakeSky(SkyClient):
             j.cancel_reads -= 1
             if j.cancel_reads < 0:
                 j.status, j.cancel_reads = "CANCELLED", None  # logs collected, cluster terminated
+                j.end_at = self._clock()
         if j.status == "RUNNING" and j.last_recovered_at < 0:
             j.last_recovered_at = self._clock()  # set_started_async
         ran = j.last_recovered_at > 0
         spot: bool | None = None
         if ran:
             spot = j.wants_spot is True or (j.wants_spot == "auto" and not self.auto_lands_on_demand)
+        live = j.status not in MANAGED_TERMINAL and j.status not in ("PENDING", "SUBMITTED", "RECOVERING")
         return ManagedJob(j.job_id, j.name, j.status, j.recovery_count, j.last_recovered_at, j.failure_reason,
                           j.nodes if j.status in ("RUNNING", "WINDING_DOWN", "CANCELLING") else 0, spot,
-                          j.submitted_at)
+                          j.submitted_at, launched=j.launched if live else None,  # over: the requested string only
+                          end_at=j.end_at if j.status in MANAGED_TERMINAL else None)
 
     def managed_jobs(self, job_ids: list[int] | None = None, refresh: bool = False) -> list[ManagedJob]:
         with self.lock:
@@ -434,9 +487,11 @@ class FakeSky(SkyClient):
                 return ""  # sky.jobs.tail_logs prints its complaint and returns: no job output
             return "".join(self.managed[job_id].log)
 
-    def jobs_cancel(self, job_id: int) -> None:
+    def jobs_cancel(self, job_id: int, graceful: bool = False) -> None:
         with self.lock:
             self.calls.append(("jobs_cancel", job_id))
+            if graceful:
+                self.calls.append(("jobs_cancel_graceful", job_id))
             self._controller(f"cancel managed job {job_id}")
             job = self.managed[job_id]
             if job.status not in MANAGED_TERMINAL:

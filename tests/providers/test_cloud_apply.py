@@ -27,7 +27,7 @@ from optjob.manager import paths
 from optjob.manager.commands import orphans as cloud_commands
 from optjob.manager.controller import Controller, Outcome
 from optjob.manager.job_states import JobStatus, Reason
-from optjob.manager.meter import STOP_MARGIN_S
+from optjob.manager.meter import teardown_margin_s
 from optjob.manager.plan import Plan
 from optjob.manager.planner import make_plan
 from optjob.manager.reconcile import reconcile_orphaned
@@ -42,7 +42,9 @@ WHEEL = "/tmp/optjob-dist/optjob-0.1.0-py3-none-any.whl"
 NAME, CLUSTER = "cloudy", "optjob-cloudy"
 ON_DEMAND = {"cloud": "aws", "accelerators": "A100:8", "region": "us-east-1"}
 SPOT = {**ON_DEMAND, "spot": True}
-MARGIN = STOP_MARGIN_S["skypilot"]
+#: What the manager keeps before the cap on a cluster (teardown: always): 1 idle minute, the skylet's
+#: autostop check, termination (sky_task.unattended_end_s).
+MARGIN = teardown_margin_s("skypilot", make_spec(ON_DEMAND))
 
 
 @pytest.fixture
@@ -200,9 +202,13 @@ def test_spot_run_survives_a_preemption(home: Path) -> None:
     rate = plan.hourly_usd * plan.nodes / 3600
     assert a1.hourly_usd == a2.hourly_usd == plan.hourly_usd and a1.spot == a2.spot == 1
     assert a1.started_at < a1.ended_at <= a2.started_at < a2.ended_at  # type: ignore[operator]
-    # Each attempt bills its own time: the preempted one up to its end, not until the final teardown.
-    assert store.spend(NAME, 1) == pytest.approx((a1.ended_at - a1.started_at) * rate, rel=0.05)  # type: ignore[operator]
-    assert store.spend(NAME, 2) >= (a2.ended_at - a2.started_at) * rate * 0.95  # type: ignore[operator]
+    # Each attempt bills its own node time: the preempted one from its run's start up to its end, not
+    # until the final teardown; the next from its recovered run's start (the recovery itself is free).
+    assert a1.started_at < a1.billed_from < a1.ended_at < a2.billed_from < a2.ended_at  # type: ignore[operator]
+    assert store.spend(NAME, 1, kind="node") == pytest.approx((a1.ended_at - a1.billed_from) * rate, rel=0.05)  # type: ignore[operator]
+    assert store.spend(NAME, 2, kind="node") >= (a2.ended_at - a2.billed_from) * rate * 0.95  # type: ignore[operator]
+    # The jobs controller that ran it has lines of its own, counted in the job's spend.
+    assert store.spend(NAME, kind="controller") > 0 and a1.overhead_source.startswith("controller:")  # type: ignore[union-attr]
     assert out.spent_usd == pytest.approx(store.spend(NAME, 1) + store.spend(NAME, 2))
     assert fake.count("jobs_cancel") == 0  # it ended on its own; nothing to cancel
     assert cloud_commands.orphans(fake, cloud_commands.owned_resources(store)) == []
@@ -224,7 +230,7 @@ def test_budget_cap_mid_run_stops_within_max_usd(home: Path) -> None:
 
     wait(lambda: fake.clusters_.get(CLUSTER) and fake.clusters_[CLUSTER].jobs, "the cluster and its job",
          manager=manager)
-    assert fake.calls[0] == ("launch", (CLUSTER, True, 10))  # down=True, autostop 10 min
+    assert fake.calls[0] == ("launch", (CLUSTER, True, 1))  # down=True, autostop 1 min (teardown: always)
     a1 = store.attempts(NAME)[0]
     deadline1 = float(fake.configs[0]["envs"]["OPTJOB_DEADLINE"])
     assert deadline1 == pytest.approx(a1.started_at + max_usd / rate - MARGIN, abs=0.5)  # ~4 s away

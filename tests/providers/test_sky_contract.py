@@ -247,3 +247,66 @@ def test_sdk_facts_the_provider_relies_on(sky_home: Path) -> None:  # noqa: F811
     assert "spot_table.c.last_recovered_at: recovered_time" in recovered
     assert "recovering_from_failure" in recovered  # the recovery_count bump is gated
     assert "RESTART" in {s.name for s in state.RecoverySource}
+
+
+# -- what ran, the jobs controller, graceful cancel, autostop: the constants and records the meter uses --
+
+def test_launched_resources_are_read_from_skypilots_own_records(catalog: Path) -> None:
+    import sky
+    from optjob.providers.sky_records import instance_type_of, placement_of
+    from sky.utils import resources_utils
+
+    res = sky.Resources(infra="aws/us-east-1", instance_type="p3.2xlarge", accelerators={"V100": 1}, use_spot=True)
+
+    class Handle:  # what sky.status's record carries (CloudVmRayResourceHandle's two fields read)
+        launched_resources = res.assert_launchable()
+        launched_nodes = 2
+
+    got = placement_of({"name": "optjob-x", "handle": Handle()})
+    assert got is not None and (got.cloud, got.region, got.instance_type, got.spot, got.nodes, got.accelerators) == (
+        "aws", "us-east-1", "p3.2xlarge", True, 2, "V100:1")
+    assert got.key() == "aws/us-east-1/p3.2xlarge/spot"
+    # A managed job's record has no handle: its cloud, region and the full launched string.
+    simple, full = resources_utils.format_resource(res, simplified_only=False)
+    assert full is not None and instance_type_of(f"2x{full}") == "p3.2xlarge"
+    assert instance_type_of(f"2x{simple}") == "p3.2xlarge"  # short names are not truncated
+    record = {"cloud": str(res.cloud), "region": "us-east-1", "zone": None, "accelerators": {"V100": 1},
+              "cluster_resources_full": f"1x{full}"}
+    assert placement_of(record) == got.__class__(cloud="aws", region="us-east-1", instance_type="p3.2xlarge",
+                                                 spot=True, nodes=1, accelerators="V100:1")
+    # Once the job is over SkyPilot falls back to the requested string: no instance type, no placement.
+    assert placement_of({**record, "cluster_resources_full": "1x[V100:1][Spot]"}) is None
+
+
+def test_the_jobs_controller_and_autostop_constants_are_skypilots(sky_home: Path) -> None:  # noqa: F811
+    from optjob.providers import sky_client, sky_task
+    from sky.jobs import constants as jobs_constants
+    from sky.jobs import utils as jobs_utils
+    from sky.skylet import events
+    from sky.utils import common
+
+    ours = {"cpus": f"{sky_client.CONTROLLER_CPUS:g}+", "memory": f"{sky_client.CONTROLLER_MEMORY_RATIO:g}x",
+            "disk_size": int(sky_client.CONTROLLER_DISK_GB)}
+    assert ours == jobs_constants.CONTROLLER_RESOURCES
+    assert jobs_constants.CONTROLLER_AUTOSTOP["idle_minutes"] == sky_client.CONTROLLER_IDLE_MINUTES
+    assert common.JOB_CONTROLLER_PREFIX == sky_client.JOB_CONTROLLER_PREFIX
+    assert events.StopEvent.EVENT_INTERVAL_SECONDS == sky_task.AUTOSTOP_CHECK_S  # the idle-timer teardown
+    assert jobs_utils.JOB_STATUS_CHECK_GAP_SECONDS == sky_task.MANAGED_CHECK_S
+
+
+def test_graceful_cancel_exists_and_waits_only_for_mount_cached_uploads(sky_home: Path) -> None:  # noqa: F811
+    from sky import core, jobs
+
+    params = inspect.signature(jobs.cancel).parameters
+    assert "graceful" in params and "graceful_timeout" in params
+    assert "jobs.cancel(job_ids=[job_id], graceful=graceful)" in inspect.getsource(RealSkyClient.jobs_cancel)
+    # What graceful does: SIGTERM the jobs, flush rclone (MOUNT_CACHED) uploads, then down — no wait
+    # for the workload's own checkpoint upload, hence the stop flag first.
+    graceful = inspect.getsource(core._graceful_job_cancel)
+    assert "cancel_jobs" in graceful and "get_rclone_flush_script" in graceful
+    fake = FakeSky()
+    fake.jobs_launch(task_config(make_spec({"cloud": "aws", "accelerators": "A100:8", "spot": True}), attempt=1,
+                                 env={}, job_file="/j/job.json", wheel="/w/optjob-0.1.0-py3-none-any.whl"),
+                     "optjob-cloudy")
+    fake.jobs_cancel(1, graceful=True)
+    assert fake.calls[-2:] == [("jobs_cancel", 1), ("jobs_cancel_graceful", 1)]

@@ -69,7 +69,7 @@ def test_task_passes_skypilot_validation(case: str, spec: JobSpec, sky_home: Pat
         assert len(candidates) == max(1, len(res.accelerator_choices)) * (2 if res.spot == "auto" else 1)
         for r in candidates:
             assert r.autostop_config is not None and r.autostop_config.enabled
-            assert r.autostop_config.idle_minutes == res.autostop_minutes and r.autostop_config.down
+            assert r.autostop_config.idle_minutes == sky_task.autostop_idle_minutes(spec) and r.autostop_config.down
             if res.max_hourly_usd is not None:
                 assert r.max_hourly_cost == pytest.approx(res.max_hourly_usd / res.nodes)
         spots = sorted(bool(r.use_spot) for r in candidates)
@@ -102,7 +102,7 @@ def test_scripts_are_valid_bash(case: str, spec: JobSpec, tmp_path: Path) -> Non
 def test_a100_spot_translation() -> None:
     config = translate(make_spec(INLINE["aws-a100x8-spot"]))
     assert config["resources"] == {
-        "autostop": {"idle_minutes": 10, "down": True},
+        "autostop": {"idle_minutes": 1, "down": True},
         "infra": "aws/us-east-1",
         "cpus": "32+",
         "memory": "256+",
@@ -450,13 +450,19 @@ def test_a_missing_secret_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
                                                                                         "WANDB_API_KEY": "b"}
 
 
-def test_a_cloud_run_without_storage_is_refused_naming_the_fix() -> None:
-    from optjob.specs.errors import UsageError
+def test_a_spot_run_without_storage_is_refused_and_an_on_demand_one_comes_home() -> None:
+    from pydantic import ValidationError
 
     for cloud, scheme in (("aws", "s3://"), ("gcp", "gs://"), ("azure", "az://")):
-        with pytest.raises(UsageError, match=f"storage.artifacts: {scheme}.*--local"):
-            sky_task.check_outputs_kept(make_spec({"cloud": cloud}, storage=None))
-    sky_task.check_outputs_kept(make_spec({"cloud": "gcp"}, storage="gs://bkt/p"))
+        with pytest.raises(ValidationError, match=f"spot cloud runs need storage.artifacts: {scheme}"):
+            make_spec({"cloud": cloud, "spot": "auto"}, storage=None)
+        on_demand = make_spec({"cloud": cloud, "autostop_minutes": 7}, storage=None)
+        sky_task.check_outputs_kept(on_demand)  # its job folder is copied home before teardown
+        assert sky_task.copies_home(on_demand)
+        assert sky_task.autostop_idle_minutes(on_demand) == 7  # not 1: the copy needs the cluster a while
+    kept = make_spec({"cloud": "gcp"}, storage="gs://bkt/p")
+    sky_task.check_outputs_kept(kept)
+    assert not sky_task.copies_home(kept) and sky_task.autostop_idle_minutes(kept) == 1
 
 
 def test_setup_makes_a_venv_of_the_locks_python_once(tmp_path: Path) -> None:

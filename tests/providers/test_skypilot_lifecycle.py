@@ -59,9 +59,9 @@ def test_on_demand_launch_and_run(provider: SkyPilotProvider, fake: FakeSky, tmp
     handle = provider.launch(request(tmp_path, ON_DEMAND))
     assert handle.provider == "skypilot" and handle.cluster == "optjob-cloudy" and handle.attempt == 1
     assert handle.data["mode"] == "cluster"
-    assert fake.calls == [("launch", ("optjob-cloudy", True, 10))]
+    assert fake.calls == [("launch", ("optjob-cloudy", True, 1))]  # teardown: always -> 1 idle minute
     task = fake.configs[0]
-    assert task["resources"]["autostop"] == {"idle_minutes": 10, "down": True}
+    assert task["resources"]["autostop"] == {"idle_minutes": 1, "down": True}
     assert task["file_mounts"]["~/optjob-job/job.json"] == str(tmp_path / "job" / "job.json")
     assert (tmp_path / "job" / "logs" / "attempt-1.skypilot.log").read_text().startswith("Launching")
     assert Handle.from_json(json.loads(json.dumps(handle.to_json()))) == handle
@@ -173,6 +173,43 @@ def test_teardown_retries_then_confirms(provider: SkyPilotProvider, fake: FakeSk
     assert fake.cluster(handle.cluster) is None
     provider.teardown(handle)  # idempotent
     provider.teardown(Handle(provider="skypilot", cluster="optjob-never", attempt=1))
+
+
+def test_a_run_without_storage_comes_home_before_down_and_not_when_the_money_is_at_hand(
+        fake: FakeSky, clock: FakeClock, tmp_path: Path) -> None:
+    """On-demand without ``storage.artifacts``: teardown copies the job folder home (once) while the
+    cluster still exists, then downs it; a budget kill downs at once and says nothing was copied."""
+    order: list[str] = []
+
+    def runner(argv: Any, out: Any) -> tuple[int, str]:
+        order.append(argv[0])
+        assert fake.cluster("optjob-cloudy") is not None  # before down
+        if argv[0] == "ssh":
+            import io
+            import tarfile
+
+            with tarfile.open(fileobj=out, mode="w|gz") as tar:
+                data = b'{"steps": []}'
+                info = tarfile.TarInfo("./results.json")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return 0, ""
+
+    provider = SkyPilotProvider(client=fake, wheel=WHEEL, sleep=clock.sleep, clock=clock, copy_runner=runner)
+    spec = make_spec(ON_DEMAND, storage=None)
+    job = tmp_path / "job"
+    handle = provider.launch(LaunchRequest(spec=spec, job_dir=job, attempt=1, env={"OPTJOB_ATTEMPT": "1"}))
+    assert handle.data["copy_home"] is True
+    provider.teardown(handle)
+    assert order == ["sky", "ssh"] and fake.count("down") == 1
+    assert (job / "results.json").read_text() == '{"steps": []}'
+    provider.teardown(handle)  # idempotent: copied once
+    assert order == ["sky", "ssh"]
+
+    again = provider.launch(LaunchRequest(spec=spec, job_dir=job, attempt=2, env={"OPTJOB_ATTEMPT": "2"}))
+    provider.kill(again)
+    assert order == ["sky", "ssh"] and fake.cluster("optjob-cloudy") is None
+    assert "budget was at hand" in (job / "logs" / "attempt-2.skypilot.log").read_text()
 
 
 def test_teardown_unconfirmed_raises(provider: SkyPilotProvider, fake: FakeSky, tmp_path: Path) -> None:
