@@ -150,16 +150,19 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(
-    folder: Path, map_location: Any = "cpu"
+    folder: Path, map_location: Any = "cpu", skip: tuple[str, ...] = ()
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(parts, meta)`` of a checkpoint written by ``save_checkpoint`` (``meta`` as written:
-    the keys its writer put there)."""
+    the keys its writer put there), less the parts named in ``skip`` (a sharded run's ranks other
+    than 0 leave the weights and optimizer state to rank 0, which sends each its shard)."""
     try:
         meta = records.read(records.CheckpointMeta, folder / records.META).model_dump(exclude_unset=True)
     except records.InvalidRecord as exc:  # latest_checkpoint skips these: only a folder changed since
         raise StepError(f"checkpoint {folder} cannot be resumed: {exc}") from None
     parts = {}
     for file in sorted(folder.glob("*.pt")):
+        if file.stem in skip:
+            continue
         # Our own files: RNG states hold numpy/python objects that weights_only refuses.
         parts[file.stem] = torch.load(file, map_location=map_location, weights_only=False)
     return parts, meta

@@ -8,8 +8,9 @@ CPU) and gives each process its device; without those variables (or with
 
 Who does what when ``world() > 1``:
 
-* ``train`` and ``distill`` run on every rank with DistributedDataParallel; the
-  spec's ``batch_size`` is the global batch, split among the ranks.
+* ``train`` and ``distill`` run on every rank with DistributedDataParallel (a train
+  step with ``strategy: fsdp`` sharded with FSDP instead, see ``fsdp``); the spec's
+  ``batch_size`` is the global batch, split among the ranks.
 * Every other step (evaluate, prune, quantize, hpo) and the automatic evaluations
   run on rank 0 (``on_main``) while the other ranks wait; their result, or their
   failure or stop, is then shared so every rank carries on (or ends) the same way.

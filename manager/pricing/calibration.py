@@ -6,8 +6,13 @@ of 8; ``tokens_per_s`` then covers all of them). Records may be tuples in that o
 ``sqlite3.Row`` objects with those keys (optionally ``nodes``), or objects with those attributes.
 Storage is the state store's business (``Store.add_calibration`` / ``Store.calibration``).
 
-The efficiency of a run = achieved FLOP/s / peak FLOP/s = tokens/s x 6N / peak, with the peak at
-the run's precision (so fp32 and bf16 runs calibrate the same number).
+The efficiency of a run = achieved FLOP/s / peak FLOP/s = tokens/s x F x N / peak, with the peak at
+the run's precision (so fp32 and bf16 runs calibrate the same number) and F the run's training FLOPs
+per token per parameter (``flops_per_param``: 6 for full training; a LoRA run ~4 + 6 x its adapter's
+share, gradient checkpointing +2; ``estimate.train_flops_per_param``). So a LoRA run calibrates the
+same efficiency a full run of the same hardware would, and predicts one, and the other way round.
+The state store keeps no F: ``calibration_store`` stores a run's tokens/s scaled to F = 6 (the full
+training tokens/s of the same FLOP rate), the default F a record is read with.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ TRAIN_FLOPS_PER_PARAM = 6
 #: Records count for a model whose parameter count is within this factor.
 BUCKET_FACTOR = 2.0
 _FIELDS = ("model_params", "accelerator", "tokens_per_s", "precision")
+_OPTIONAL = ("nodes", "flops_per_param")
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,8 @@ class RunRecord:
     tokens_per_s: float
     precision: str = "bf16"
     nodes: int = 1
+    #: The run's training FLOPs per token per model parameter (6: full training).
+    flops_per_param: float = TRAIN_FLOPS_PER_PARAM
 
 
 def as_record(obj: Any) -> RunRecord | None:
@@ -42,16 +50,16 @@ def as_record(obj: Any) -> RunRecord | None:
     try:
         if isinstance(obj, Mapping) or hasattr(obj, "keys"):
             keys = set(obj.keys())
-            values = [obj[k] if k in keys else None for k in (*_FIELDS, "nodes")]
+            values = [obj[k] if k in keys else None for k in (*_FIELDS, *_OPTIONAL)]
         elif isinstance(obj, (tuple, list)):
-            values = [*obj[:5], *([None] * (5 - min(len(obj), 5)))]
+            values = [*obj[:6], *([None] * (6 - min(len(obj), 6)))]
         else:
-            values = [getattr(obj, k, None) for k in (*_FIELDS, "nodes")]
-        params, acc, tps, precision, nodes = values
+            values = [getattr(obj, k, None) for k in (*_FIELDS, *_OPTIONAL)]
+        params, acc, tps, precision, nodes, per_param = values
         if params is None or acc is None or tps is None:
             return None
         return RunRecord(int(params), str(acc), float(tps), str(precision or "bf16"),
-                         int(nodes or 1))
+                         int(nodes or 1), float(per_param or TRAIN_FLOPS_PER_PARAM))
     except (TypeError, ValueError, KeyError, IndexError):
         return None
 
@@ -71,7 +79,7 @@ def measured_efficiency(record: RunRecord) -> float:
     """Achieved / peak FLOP/s of one run, clamped to (0, 1]."""
     name, count = split_accelerator(record.accelerator)
     peak = node_peak_flops(name, count, record.precision) * max(record.nodes, 1)
-    achieved = record.tokens_per_s * TRAIN_FLOPS_PER_PARAM * record.model_params
+    achieved = record.tokens_per_s * record.flops_per_param * record.model_params
     return min(1.0, max(1e-6, achieved / peak))
 
 
@@ -107,8 +115,16 @@ def calibrated_efficiency(records: Iterable[Any], model_params: int,
 
 
 def tokens_per_second(model_params: int, accelerator: str | None, efficiency: float,
-                      precision: str = "bf16", nodes: int = 1) -> float:
-    """The inverse: training tokens/s a node set should reach at ``efficiency``."""
+                      precision: str = "bf16", nodes: int = 1,
+                      flops_per_param: float = TRAIN_FLOPS_PER_PARAM) -> float:
+    """The inverse: training tokens/s a node set should reach at ``efficiency`` (a run of
+    ``flops_per_param`` FLOPs per token per parameter: 6 full, less for LoRA)."""
     name, count = split_accelerator(accelerator)
     peak = node_peak_flops(name, count, precision) * max(nodes, 1)
-    return peak * efficiency / (TRAIN_FLOPS_PER_PARAM * max(model_params, 1))
+    return peak * efficiency / (flops_per_param * max(model_params, 1))
+
+
+def as_full_training(tokens_per_s: float, flops_per_param: float) -> float:
+    """A run's tokens/s at ``flops_per_param`` as the tokens/s full training (6N) reaches at the same
+    FLOP rate: what the state store keeps (it has no column for the run's FLOPs)."""
+    return tokens_per_s * flops_per_param / TRAIN_FLOPS_PER_PARAM

@@ -10,9 +10,10 @@ among them, DDP keeps a full copy of everything on each). What one process holds
   model built from ``model.init`` or trained in full is fp32, a hub/path checkpoint its own dtype
   on a GPU (``config.json``'s, bf16 for a hub id), a quantized one its packed width.
 - **gradients and optimizer states** of what trains (fp32): AdamW 2 states, SGD/RMSprop one per
-  momentum/average; DDP adds its gradient buckets. ``sharded`` (ZeRO-3/FSDP: master weights,
-  gradients and states split among the processes) is modelled, though the workload does not
-  shard yet (DDP), so the plan asks for ``sharded=False``.
+  momentum/average; DDP adds its gradient buckets. ``sharded`` (FSDP, ``train.strategy: fsdp``:
+  master weights, gradients and states split among the processes, one block's weights gathered at a
+  time; as the step starts and ends each process holds the whole model too) is what a train step
+  gets where the plan picks fsdp (``step_strategies``): where it does not fit one GPU unsharded.
 - **activations** kept for the backward pass, per layer per token: ``32h + 2kv·a + 4i·a`` bytes at
   fp32 (a = 4) and ``30h + 2kv·a + 4i·a`` under bf16/fp16 autocast (a = 2; the norms keep fp32
   copies), ``h`` the width, ``kv`` the key/value width, ``i`` the MLP width. Under an adapter the
@@ -192,9 +193,11 @@ def train_memory(shape: Shape, opts: TrainOptions, seq_len: int, *, weight_bytes
     grads = 4.0 * trainable
     states = optimizer_bytes(opts, trainable)
     buckets = 4.0 * trainable if world > 1 and not sharded else 0.0  # DDP's gradient buckets
+    unsharded = 0.0
     if sharded and world > 1:
         gathered = 4.0 * n / shape.layers if adapter is None else 0.0  # one block gathered at a time
         if adapter is None:
+            unsharded = weights  # the whole model, gathered on every process as the step ends
             weights = weights / world + gathered
         grads, states = grads / world, states / world
     layer = tokens * (_adapter_act_bytes(shape, adapter, a) if adapter else _act_bytes(shape, a))
@@ -211,6 +214,8 @@ def train_memory(shape: Shape, opts: TrainOptions, seq_len: int, *, weight_bytes
                      logits=logits)
     else:
         parts.update(gradients=grads + buckets, activations=end - grads)
+    if unsharded and unsharded + weights > sum(parts.values()):  # the optimizer state is freed by then
+        parts = {"weights": unsharded + weights}
     if gpu:
         parts["cuda_context"] = CUDA_CONTEXT_GIB * GIB
     return StepMemory(index, what, parts)
@@ -256,8 +261,10 @@ class MemoryPlan:
 AUTO_EVALUATE = EvaluateStep()
 
 
-def estimate_memory(spec: JobSpec, *, world: int = 1, gpu: bool = True, sharded: bool = False) -> MemoryPlan:
-    """The peak per process of every step of ``spec`` run by ``world`` processes (one per GPU)."""
+def estimate_memory(spec: JobSpec, *, world: int = 1, gpu: bool = True, sharded: bool = False,
+                    shard: frozenset[int] = frozenset()) -> MemoryPlan:
+    """The peak per process of every step of ``spec`` run by ``world`` processes (one per GPU);
+    ``sharded``: every train and distill step sharded, ``shard``: the train steps of these indices."""
     shape, note = model_shape(spec.model)
     notes = [note] if note else []
     seq = spec.data.seq_len
@@ -268,8 +275,8 @@ def estimate_memory(spec: JobSpec, *, world: int = 1, gpu: bool = True, sharded:
     for i, step in enumerate(pipeline):
         name = f"steps[{i}] {step.kind}"
         if isinstance(step, TrainStep):
-            out.append(train_memory(shape, step, seq, weight_bytes=wbytes, world=world, sharded=sharded, gpu=gpu,
-                                    what=name, index=i))
+            out.append(train_memory(shape, step, seq, weight_bytes=wbytes, world=world, sharded=sharded or i in shard,
+                                    gpu=gpu, what=name, index=i))
             adapter = step.adapter
             if adapter is None or (adapter.method == "lora" and step.precision == "fp32"):
                 wbytes = 4.0
@@ -297,6 +304,13 @@ def estimate_memory(spec: JobSpec, *, world: int = 1, gpu: bool = True, sharded:
         if not isinstance(step, (EvaluateStep, HpoStep)):
             out.append(eval_memory(shape, AUTO_EVALUATE, seq, wbytes, gpu=gpu, index=i,
                                    what=f"the evaluation after steps[{i}] {step.kind}"))
+    for variant in spec.variants:  # each compare variant from the model before compare, sized on its own
+        own = estimate_memory(spec.variant_spec(variant), world=world, gpu=gpu, sharded=sharded, shard=shard)
+        for mem in own.steps:
+            if mem.index is not None and mem.index >= len(pipeline):
+                j = mem.index - len(pipeline)
+                where = mem.what.replace(f"steps[{mem.index}]", f"compare {variant} step {j}")
+                out.append(replace(mem, index=len(pipeline), what=where))
     return MemoryPlan(out, notes)
 
 
@@ -407,8 +421,10 @@ def _largest(dist: Any) -> int | None:
 
 
 def needs_cuda(spec: JobSpec) -> int | None:
-    """The index of the first step that needs a CUDA GPU (a QLoRA train step), if any."""
-    return next((i for i, s in enumerate(spec.pipeline)
+    """The index of the first step that needs a CUDA GPU (a QLoRA train step, in a compare variant too:
+    then the compare step's index), if any."""
+    variant_steps = [(len(spec.pipeline), s) for steps in spec.variants.values() for s in steps]
+    return next((i for i, s in [*enumerate(spec.pipeline), *variant_steps]
                  if isinstance(s, TrainStep) and s.adapter is not None and s.adapter.method == "qlora"), None)
 
 
@@ -417,6 +433,43 @@ def local_has_cuda() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
     return Path("/proc/driver/nvidia/version").exists()
+
+
+def can_shard(step: object) -> bool:
+    """Whether the workload can train ``step`` with FSDP (a train step without an adapter or fp16)."""
+    return isinstance(step, TrainStep) and step.adapter is None and step.precision != "fp16"
+
+
+def step_strategies(spec: JobSpec, world: int, capacity_gib: float | None, *,
+                    gpu: bool = True) -> tuple[dict[int, str], MemoryPlan]:
+    """How each train and distill step runs on ``world`` processes with GPUs of ``capacity_gib``, and
+    the memory that takes: "single" (one process); the step's own ``strategy``; else "fsdp" where the
+    step does not fit a GPU unsharded (and the workload can shard it), "ddp" otherwise."""
+    trains = {i: s for i, s in enumerate(spec.pipeline) if isinstance(s, TrainOptions)}
+    if world <= 1:
+        return dict.fromkeys(trains, "single"), estimate_memory(spec, world=1, gpu=gpu)
+    chosen = frozenset(i for i, s in trains.items() if s.strategy == "fsdp")
+    plan = estimate_memory(spec, world=world, gpu=gpu, shard=chosen)
+    if capacity_gib is not None:
+        names = {f"steps[{i}] {s.kind}": i for i, s in trains.items()}
+        over = {names[m.what] for m in plan.steps if m.what in names and m.gib > HEADROOM * capacity_gib}
+        auto = frozenset(i for i in over if trains[i].strategy is None and can_shard(trains[i]))
+        if auto:
+            chosen |= auto
+            plan = estimate_memory(spec, world=world, gpu=gpu, shard=chosen)
+    return {i: "fsdp" if i in chosen else "ddp" for i in trains}, plan
+
+
+def offer_strategies(spec: JobSpec, accelerators: str | None, *, local: bool = False) -> dict[int, str]:
+    """``step_strategies`` on ``resources.nodes`` nodes of ``accelerators`` ("A100:8", None: CPU), as
+    ``fit_offers`` decides them for an offer of that kind."""
+    from .calibration import split_accelerator
+
+    name, count = split_accelerator(accelerators)
+    gpu = name is not None and tpu_chips(name) is None
+    nodes = 1 if local else spec.resources.nodes
+    world = 1 if local else nodes * count if gpu else nodes
+    return step_strategies(spec, world, gpu_memory_gib(name) if gpu else None, gpu=gpu)[0]
 
 
 @dataclass
@@ -436,10 +489,11 @@ class Fit:
 
 def fit_offers(spec: JobSpec, offers: list[Offer], *, local: bool = False) -> Fit:
     """Drop the offers whose GPUs cannot hold the job's largest step (one note per accelerator
-    size, saying what it needs), and those without a CUDA GPU for a QLoRA step."""
+    size, saying what it needs), and those without a CUDA GPU for a QLoRA step. A train step that
+    fits an offer's GPUs only sharded counts as sharded there (``step_strategies``)."""
     cuda_step = needs_cuda(spec)
     nodes = 1 if local else spec.resources.nodes
-    plans: dict[tuple[int, bool], MemoryPlan] = {}
+    plans: dict[tuple[int, bool, float | None], tuple[dict[int, str], MemoryPlan]] = {}
     fit = Fit([], {}, {}, [])
     dropped: dict[tuple[str, float], tuple[int, StepMemory]] = {}
     no_cuda: list[Offer] = []
@@ -450,11 +504,13 @@ def fit_offers(spec: JobSpec, offers: list[Offer], *, local: bool = False) -> Fi
             no_cuda.append(offer)
             continue
         world = nodes * max(1, offer.accelerator_count) if gpu else nodes
-        key = (world, gpu)
-        if key not in plans:
-            plans[key] = estimate_memory(spec, world=world, gpu=gpu)
-        peak = plans[key].peak
+        if local or offer.cloud == "local":  # the local provider runs one process
+            world = 1
         capacity = gpu_memory_gib(name) if gpu else None
+        key = (world, gpu, capacity)
+        if key not in plans:
+            plans[key] = step_strategies(spec, world, capacity, gpu=gpu)
+        peak = plans[key][1].peak
         fit.need_gib[id(offer)] = round(peak.gib, 3)
         fit.gpu_gib[id(offer)] = capacity
         if capacity is not None and peak.gib > HEADROOM * capacity:
@@ -463,7 +519,7 @@ def fit_offers(spec: JobSpec, offers: list[Offer], *, local: bool = False) -> Fi
             dropped[(label, capacity)] = (count + 1, peak)
             continue
         fit.kept.append(offer)
-    for plan in plans.values():
+    for _, plan in plans.values():
         fit.notes.extend(n for n in plan.notes if n not in fit.notes)
     for (label, capacity), (count, peak) in sorted(dropped.items()):
         fit.notes.append(f"dropped {count} offer(s) with {label} ({capacity:g} GiB per GPU): {peak.describe()}")

@@ -208,8 +208,12 @@ def test_sharding_splits_what_is_per_parameter() -> None:
     step = TrainStep(batch_size=8, precision="bf16", gradient_checkpointing=True)
     one = train_memory(shape, step, 1024, world=8)
     sharded = train_memory(shape, step, 1024, world=8, sharded=True)
-    assert sharded.parts["optimizer"] == pytest.approx(one.parts["optimizer"] / 8)
     assert sharded.total < one.total / 3
+    # Its peak: the whole model gathered on each process as the step ends, beside its shard (and one
+    # block gathered); the optimizer state, an eighth each, is freed by then.
+    n = shape.params
+    assert sharded.parts["weights"] == pytest.approx(4.0 * n + 4.0 * n / 8 + 4.0 * n / shape.layers)
+    assert "optimizer" not in sharded.parts and one.parts["optimizer"] == pytest.approx(8.0 * n)
 
 
 # ---- the plan --------------------------------------------------------------------------------------------------
@@ -343,3 +347,73 @@ def test_an_unknown_gpu_or_a_tpu_is_not_checked(plan_env: Path) -> None:
     fit = fit_offers(spec, offers)
     assert [o.accelerator_name for o in fit.kept] == ["NEWGPU", "tpu-v5litepod-8"]
     assert fit.of(offers[0])[1] is None and math.isclose(fit.of(offers[2])[1] or 0, 15.0)
+
+
+# ---- sharded training: the plan picks fsdp where a step fits a node's GPUs only sharded ----------------------
+
+
+def test_full_8b_on_eight_a100s_is_sharded_and_the_spec_carries_it(plan_env: Path) -> None:
+    from optjob.manager.commands.plan import check_feasible
+    from optjob.manager.planner import make_plan, resolved_spec
+    from optjob.manager.pricing.memory import step_strategies
+
+    spec = _llama_spec(plan_env, {}, accelerators="A100:8", resources={"cloud": "any"})
+    plan = make_plan(spec)
+    check_feasible(plan)
+    assert plan.chosen is not None and plan.chosen.accelerators == "A100:8"
+    data = json.loads(plan.dumps())
+    assert data["steps"][0]["strategy"] == "fsdp" and data["steps"][0]["summary"].endswith(", strategy fsdp")
+    assert plan.chosen.memory_gb is not None and plan.chosen.memory_gb <= HEADROOM * 40
+    # Unsharded, each A100 would need the whole model, its gradients and AdamW's moments.
+    strategies, sharded = step_strategies(spec, 8, 40.0)
+    ddp = estimate_memory(spec, world=8)
+    assert strategies == {0: "fsdp"} and ddp.peak.gib > 8.03e9 * 16 / GIB > sharded.peak.gib
+    # What apply writes to job.json: the plan's pick, as the workload reads it.
+    resolved = resolved_spec(spec, plan)
+    assert resolved.pipeline[0].strategy == "fsdp" and spec.pipeline[0].strategy is None
+    assert resolved.model_copy(update={"steps": spec.steps}) == spec
+
+
+def test_what_fits_unsharded_stays_ddp_and_a_spec_may_say_which(plan_env: Path) -> None:
+    from optjob.manager.commands.plan import check_feasible
+    from optjob.manager.planner import make_plan, resolved_spec
+    from optjob.manager.pricing.memory import step_strategies
+
+    lora = _llama_spec(plan_env, {"adapter": {"method": "lora"}, "gradient_checkpointing": True},
+                       accelerators="A100:8", resources={"cloud": "any"})
+    plan = make_plan(lora)
+    assert plan.chosen is not None and [s.strategy for s in plan.steps] == ["ddp"]
+    assert resolved_spec(lora, plan) is lora
+    one = make_plan(_llama_spec(plan_env, {"adapter": {"method": "qlora"}, "gradient_checkpointing": True}))
+    assert [s.strategy for s in one.steps] == ["single"]
+    # Asked for ddp, the full fine-tune does not fit an A100: refused, saying what it needs.
+    refused = make_plan(_llama_spec(plan_env, {"strategy": "ddp"}, accelerators="A100:8", resources={"cloud": "any"}))
+    with pytest.raises(PlanInfeasible, match=r"steps\[0\] train needs \d+\.\d GiB per GPU"):
+        check_feasible(refused)
+    # Asked for fsdp where it would fit unsharded: sharded all the same.
+    small = _llama_spec(plan_env, {"strategy": "fsdp", "gradient_checkpointing": True}, accelerators="H200:8")
+    assert step_strategies(small, 8, 139.0)[0] == {0: "fsdp"}
+    assert step_strategies(small, 1, 139.0)[0] == {0: "single"}
+
+
+def test_a_compare_variant_is_sized_and_its_qlora_needs_cuda() -> None:
+    """The plan sized only the steps before ``compare``: a variant that trains the full model would
+    have been launched on a GPU it does not fit."""
+    from optjob.manager.pricing.memory import needs_cuda
+    from optjob.specs import loads_spec
+
+    spec = loads_spec("""name: cmp
+model: {init: {layers: 32, hidden: 4096, heads: 32, intermediate: 11008, vocab: 32000}}
+steps:
+  - quantize: {method: fp16}
+  - compare:
+      light: [{prune: {method: magnitude, sparsity: 0.5}}]
+      full: [{train: {max_steps: 10, batch_size: 8}}]
+      qlora: [{train: {max_steps: 10, adapter: {method: qlora}}}]
+""")
+    plan = estimate_memory(spec, gpu=True)
+    variant_rows = [m for m in plan.steps if m.what.startswith("compare ")]
+    assert {m.what.split()[1] for m in variant_rows} == {"light", "full", "qlora"}
+    assert all(m.index == 1 for m in variant_rows)
+    assert plan.peak.what == "compare full step 0 train"  # full AdamW of 6.7B: the job's peak
+    assert needs_cuda(spec) == 1
