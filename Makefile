@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-EXTRAS ?= workload,cloud,dev,bench,tracking
+EXTRAS ?= workload,cloud,dev,bench,tracking,eval
 
 .PHONY: demo test lint bench bench-quick clean emulators
 

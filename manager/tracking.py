@@ -109,30 +109,7 @@ def log_run(client: Any, store: Store, name: str, experiment: str) -> str:
 
     now = int(store.clock.time() * 1000)
     params = [Param(k, v[:6000]) for k, v in params_of(json.loads(job.spec_json)).items()]
-    metrics: list[Any] = []
-
-    def metric(name_: str, value: Any, step: int = 0) -> None:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
-            metrics.append(Metric(key(name_), float(value), now, int(step)))
-
-    for r in data["rows"]:
-        prefix = "baseline" if r["kind"] == "baseline" else (
-            "final" if r["kind"] == "final" else f"{r['index']:02d}-{r['kind']}" if isinstance(r["index"], int)
-            else str(r["kind"]))
-        for k, v in (r.get("metrics") or {}).items():
-            metric(f"{prefix}/{k}", v)
-        metric(f"{prefix}/cost_usd", r.get("cost_usd"))
-    for curve, points in (data.get("loss_curves") or {}).items():
-        index, _, kind = curve.partition("-")  # "1-train": the same name as the step's row, 01-train
-        name_ = f"{int(index):02d}-{kind}" if index.isdigit() else curve
-        for x, y in points:
-            metric(f"{name_}/loss", y, int(x))
-    for t in data.get("hpo_trials") or []:
-        metric(f"{t['index']:02d}-hpo/trial_value" if isinstance(t["index"], int) else "hpo/trial_value",
-               t.get("value"), int(t.get("number") or 0))
-    metric("spent_usd", data["spent_usd"])
-    metric("run_spent_usd", data["run_spent_usd"])
-    metric("estimated_usd", data.get("estimated_usd"))
+    metrics = [Metric(key(k), v, now, step) for k, v, step in metric_points(data)]
     for i in range(0, max(len(params), len(metrics)), 100):  # MLflow takes at most 100 params a batch
         client.log_batch(run_id, metrics=metrics[i:i + 100], params=params[i:i + 100])
     for f in ("report.md", "report.html", "loss_curves.svg", "tradeoff.svg"):
@@ -142,3 +119,38 @@ def log_run(client: Any, store: Store, name: str, experiment: str) -> str:
     status = {"succeeded": "FINISHED", "failed": "FAILED"}.get(data["status"], "KILLED")
     client.set_terminated(run_id, status=status)
     return run_id
+
+
+def metric_points(data: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """(name, value, step) of every figure of a job's report data, as MLflow gets them: each row's
+    metrics under its step (``01-prune/perplexity``; a compare variant's ``02-compare-wanda/...``),
+    loss curves, hpo trials, and the spend."""
+    out: list[tuple[str, float, int]] = []
+
+    def metric(name_: str, value: Any, step: int = 0) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            out.append((name_, float(value), int(step)))
+
+    for r in data["rows"]:
+        prefix = "baseline" if r["kind"] == "baseline" else (
+            "final" if r["kind"] == "final" else f"{r['index']:02d}-{r['kind']}" if isinstance(r["index"], int)
+            else str(r["kind"]))
+        if r.get("variant"):  # a compare variant's row: its variants share the compare step's index
+            prefix = f"{prefix}-{r['variant']}"
+        for k, v in (r.get("metrics") or {}).items():
+            metric(f"{prefix}/{k}", v)
+        metric(f"{prefix}/cost_usd", r.get("cost_usd"))
+    for curve, points in (data.get("loss_curves") or {}).items():
+        index, _, kind = curve.partition("-")  # "1-train": the same name as the step's row, 01-train
+        kind, _, variant = kind.partition(" (")  # "1-distill (small)": a compare variant's curve
+        name_ = f"{int(index):02d}-{kind}" if index.isdigit() else curve
+        name_ += f"-{variant.rstrip(')')}" if variant else ""
+        for x, y in points:
+            metric(f"{name_}/loss", y, int(x))
+    for t in data.get("hpo_trials") or []:
+        metric(f"{t['index']:02d}-hpo/trial_value" if isinstance(t["index"], int) else "hpo/trial_value",
+               t.get("value"), int(t.get("number") or 0))
+    metric("spent_usd", data["spent_usd"])
+    metric("run_spent_usd", data["run_spent_usd"])
+    metric("estimated_usd", data.get("estimated_usd"))
+    return out

@@ -25,7 +25,7 @@ from pathlib import Path
 LOCK_FILE = Path(__file__).resolve().parent / "data" / "node-lock.txt"
 #: The workload's packages, pinned when installed here (peft and accelerate are optional).
 WORKLOAD = ("torch", "transformers", "tokenizers", "safetensors", "torchao", "optuna", "peft", "accelerate",
-            "numpy", "huggingface-hub")
+            "numpy", "huggingface-hub", "lm-eval")
 #: One per bucket scheme; a node installs the one its storage needs.
 STORAGE = ("boto3", "google-cloud-storage", "azure-storage-blob")
 #: optjob's own (the control plane's) requirements, which the wheel brings to the node too.

@@ -18,7 +18,10 @@ from .resources import BudgetSpec, ResourcesSpec, StorageSpec, Teardown, storage
 from .steps import (
     ADAPTER_SEARCH_FIELDS,
     STEP_TYPES,
+    VARIANT_NAME,
     AdapterSpec,
+    CompareEntry,
+    CompareStep,
     DistillStep,
     Distribution,
     EvaluateStep,
@@ -106,8 +109,30 @@ class JobSpec(StrictModel):
 
     @property
     def pipeline(self) -> list[StepBase]:
-        """The step models in order (``TrainStep``, ``PruneStep``, ...)."""
-        return [entry.step for entry in self.steps]
+        """The step models in order (``TrainStep``, ``PruneStep``, ...), up to a ``compare`` step
+        (always the last one, see ``compare``): ``pipeline[i]`` is ``steps[i]``."""
+        return [entry.step for entry in self.steps if not isinstance(entry, CompareEntry)]
+
+    @property
+    def compare(self) -> CompareStep | None:
+        """The spec's ``compare`` step (its last), or None."""
+        last = self.steps[-1]
+        return last.compare if isinstance(last, CompareEntry) else None
+
+    @property
+    def variants(self) -> dict[str, list[StepBase]]:
+        """{variant name: its steps} of the ``compare`` step; empty without one."""
+        compare = self.compare
+        return compare.variants if compare is not None else {}
+
+    def variant_spec(self, name: str) -> JobSpec:
+        """This spec as the pipeline variant ``name`` runs: the steps before ``compare``, then the
+        variant's own (so ``pipeline[len(self.pipeline) + j]`` is the variant's step j)."""
+        compare = self.compare
+        if compare is None or name not in compare.root:
+            raise KeyError(name)
+        trunk = [e for e in self.steps if not isinstance(e, CompareEntry)]
+        return self.model_copy(update={"steps": [*trunk, *compare.root[name]]})
 
     @model_validator(mode="after")
     def _chain(self) -> JobSpec:
@@ -147,25 +172,54 @@ def _loc(i: int, kind: str, *rest: str | int) -> tuple[str | int, ...]:
 
 
 def check_pipeline(spec: JobSpec) -> None:
-    """Raise ``PathError`` for the first pair of steps that cannot chain."""
+    """Raise ``PathError`` for the first pair of steps that cannot chain; with a ``compare`` step, the
+    steps before it chained with each variant's."""
+    trunk = spec.pipeline
+    at = next((i for i, e in enumerate(spec.steps[:-1]) if isinstance(e, CompareEntry)), None)
+    if at is not None:  # a compare step that is not the last
+        after = spec.steps[at + 1]
+        raise PathError(("steps", at + 1, next(iter(type(after).model_fields))),
+                        f"no step may follow compare (steps[{at}]): each variant is its own pipeline, "
+                        "so put this step inside the variants that need it")
+    if spec.compare is None:
+        _check_chain(spec, [(("steps", i), s) for i, s in enumerate(trunk)])
+        return
+    at = len(trunk)
+    for name, entries in spec.compare.root.items():
+        where: tuple[str | int, ...] = ("steps", at, "compare", name)
+        if not re.match(VARIANT_NAME, name):
+            raise PathError(where, f"variant name {name!r}: use lowercase letters, digits, - and _, starting "
+                                   "with a letter, at most 32 characters (it names a folder and a report row)")
+        for j, entry in enumerate(entries):
+            if isinstance(entry, CompareEntry):
+                raise PathError((*where, j, "compare"), "compare cannot be nested: list every variant in the "
+                                                        "one compare step")
+            if isinstance(entry.step, HpoStep):
+                raise PathError((*where, j, "hpo"), "hpo cannot run inside a compare variant: search before "
+                                                    "compare, so every variant starts from the tuned model")
+        steps: list[tuple[tuple[str | int, ...], StepBase]] = [(("steps", i), s) for i, s in enumerate(trunk)]
+        steps += [((*where, j), e.step) for j, e in enumerate(entries)]
+        _check_chain(spec, steps)
+
+
+def _check_chain(spec: JobSpec, located: list[tuple[tuple[str | int, ...], StepBase]]) -> None:
     arch: ModelInit | None = spec.model.init
-    quantized_at: int | None = None
-    steps = spec.pipeline
-    for i, step in enumerate(steps):
+    quantized_at: str | None = None
+    for i, (prefix, step) in enumerate(located):
         if quantized_at is not None and isinstance(step, (TrainStep, DistillStep, HpoStep, PruneStep)):
             raise PathError(
-                _loc(i, step.kind),
-                f"{step.kind} needs gradients, but steps[{quantized_at}] quantized the model; "
+                (*prefix, step.kind),
+                f"{step.kind} needs gradients, but {quantized_at} quantized the model; "
                 "move quantize after it",
             )
         if isinstance(step, QuantizeStep) and step.method not in ("fp16", "bf16"):
-            quantized_at = i
-        if isinstance(step, HpoStep):
-            _check_hpo(spec, steps, i, step)
+            quantized_at = _where(prefix)
+        if isinstance(step, HpoStep):  # only before compare (refused in a variant): i is its index
+            _check_hpo(spec, spec.pipeline, i, step)
         if isinstance(step, PruneStep) and step.method == "structured" and arch is not None:
             kept = arch.heads - round(arch.heads * step.heads_fraction)
             if kept < 1:
-                raise PathError(_loc(i, "prune", "heads_fraction"), "would remove every attention head")
+                raise PathError((*prefix, "prune", "heads_fraction"), "would remove every attention head")
             kv = arch.kv_heads or arch.heads
             arch = arch.model_copy(
                 update={
@@ -175,10 +229,19 @@ def check_pipeline(spec: JobSpec) -> None:
                 }
             )
         if isinstance(step, DistillStep):
-            arch = _check_student(i, step, arch)
+            arch = _check_student(prefix, step, arch)
 
 
-def _check_student(i: int, step: DistillStep, teacher: ModelInit | None) -> ModelInit | None:
+def _where(prefix: tuple[str | int, ...]) -> str:
+    """``steps[2]``, ``steps[3].compare.wanda[0]``: a step's place, as error lines write it."""
+    out = str(prefix[0])
+    for part in prefix[1:]:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _check_student(prefix: tuple[str | int, ...], step: DistillStep, teacher: ModelInit | None
+                   ) -> ModelInit | None:
     s = step.student
     if teacher is None:
         return None
@@ -187,22 +250,22 @@ def _check_student(i: int, step: DistillStep, teacher: ModelInit | None) -> Mode
         theirs = teacher.mlp_width if field == "intermediate" else getattr(teacher, field)
         if mine is not None and mine > theirs:
             raise PathError(
-                _loc(i, "distill", "student", field),
+                (*prefix, "distill", "student", field),
                 f"student {field} ({mine}) is larger than the teacher's ({theirs})",
             )
     if s.hidden is not None and step.init == "teacher_layers" and s.hidden != teacher.hidden:
         raise PathError(
-            _loc(i, "distill", "init"),
+            (*prefix, "distill", "init"),
             "init: teacher_layers copies weights, so the student must keep the teacher's hidden width; "
             "use init: random",
         )
     update: dict[str, Any] = {k: v for k, v in s.model_dump().items() if v is not None}
     if "hidden" in update and "heads" not in update and update["hidden"] % teacher.heads:
-        raise PathError(_loc(i, "distill", "student", "hidden"), "student hidden must be divisible by heads")
+        raise PathError((*prefix, "distill", "student", "hidden"), "student hidden must be divisible by heads")
     try:
         return ModelInit.model_validate({**teacher.model_dump(), **update})
     except ValueError as exc:
-        raise PathError(_loc(i, "distill", "student"), f"student is not a valid model: {exc}") from None
+        raise PathError((*prefix, "distill", "student"), f"student is not a valid model: {exc}") from None
 
 
 def _check_hpo(spec: JobSpec, steps: list[StepBase], i: int, step: HpoStep) -> None:

@@ -10,6 +10,7 @@
                                  state + recipe)
         checkpoints/             resumable checkpoints of a training-like step
         done.json                written atomically when the step finished: its metrics
+        NN-compare/NAME/MM-KIND/ step MM of compare variant NAME, laid out as a step
       results.json               every step's metrics, written after each step
       report.md, report.html     written by the manager
 """
@@ -37,20 +38,48 @@ def step_dir(job_dir: Path, index: int, kind: str) -> Path:
     return job_dir / "steps" / f"{index:02d}-{kind}"
 
 
+#: The folder of a ``compare`` step's variants: ``steps/NN-compare/NAME/MM-KIND/`` holds step MM of
+#: variant NAME, as ``steps/NN-KIND/`` holds a step (model, checkpoints, done.json, fingerprint);
+#: ``steps/NN-compare/_parent/`` the parent model when it exists on no disk yet (built from model.init).
+COMPARE_KIND = "compare"
+PARENT_DIR = "_parent"  # no variant name starts with _
+
+
+def variant_dir(job_dir: Path, compare_index: int, name: str) -> Path:
+    return step_dir(job_dir, compare_index, COMPARE_KIND) / name
+
+
+def variant_step_dir(job_dir: Path, compare_index: int, name: str, index: int, kind: str) -> Path:
+    return variant_dir(job_dir, compare_index, name) / f"{index:02d}-{kind}"
+
+
+def _step_folders(steps: Path) -> list[tuple[str, Path]]:
+    """(name shown, folder) of every step folder, a compare step's variant steps included."""
+    out = []
+    for folder in sorted(p for p in steps.iterdir() if p.is_dir()):
+        if folder.name.endswith(f"-{COMPARE_KIND}"):
+            out += [(f"{folder.name}/{v.name}/{s.name}", s) for v in sorted(folder.iterdir())
+                    if v.is_dir() and v.name != PARENT_DIR for s in sorted(v.iterdir()) if s.is_dir()]
+        else:
+            out.append((folder.name, folder))
+    return out
+
+
 def kept_progress(job_dir: Path) -> str | None:
     """What a resumed run would keep, in words ("00-train done; checkpoint at step 40 of 01-prune"),
     or None when nothing was saved yet. Only complete files count."""
     steps = job_dir / "steps"
     if not steps.is_dir():
         return None
-    done = sorted(d.name for d in steps.iterdir() if (d / DONE_FILE).is_file())
+    folders = _step_folders(steps)
+    done = [name for name, d in folders if (d / DONE_FILE).is_file()]
     parts = [f"{', '.join(done)} done"] if done else []
-    for folder in sorted(steps.iterdir()):
-        if folder.name in done:
+    for name, folder in folders:
+        if name in done:
             continue
         saved = sorted(c.name for c in (folder / "checkpoints").glob("step-*") if (c / CHECKPOINT_MANIFEST).is_file())
         if saved:
-            parts.append(f"checkpoint at step {int(saved[-1].split('-')[1])} of {folder.name}")
+            parts.append(f"checkpoint at step {int(saved[-1].split('-')[1])} of {name}")
     return "; ".join(parts) or None
 
 

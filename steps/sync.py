@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from .layout import RESULTS_FILE, write_bytes_atomic, write_json_atomic
+from .layout import COMPARE_KIND, RESULTS_FILE, write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from optjob.steps.storage import Storage
@@ -63,14 +63,22 @@ def _valid_checkpoint(folder: Path) -> bool:
 
 
 def _done_problem(data: bytes, name: str, where: str) -> str | None:
-    """Why ``data`` is not the done.json of the step folder ``name`` (``NN-KIND``), or None."""
+    """Why ``data`` is not the done.json of the step folder ``name`` (``NN-KIND``, or
+    ``NN-compare/VARIANT/MM-KIND`` for step MM of a compare variant), or None."""
     from .records import DoneRecord, InvalidRecord, parse
 
     try:
         done = parse(DoneRecord, data, where)
     except InvalidRecord as exc:
         return str(exc)
-    index, _, kind = name.partition("-")
+    parts = name.split("/")
+    index, _, kind = parts[-1].partition("-")
+    if len(parts) == 3:  # a variant's step: the record names its compare step, variant and place in it
+        extra = done.model_extra or {}
+        at = int(parts[0].partition("-")[0])
+        if (done.index, done.kind, extra.get("variant"), extra.get("variant_step")) != (at, kind, parts[1], int(index)):
+            return f"{where}: it records another step than variant {parts[1]} step {int(index)}"
+        return None
     if (done.index, done.kind) != (int(index), kind):
         return f"{where}: it records steps[{done.index}] ({done.kind}), not {name}"
     return None
@@ -83,6 +91,16 @@ def _local_done(path: Path, name: str) -> bool:
     except OSError:
         return False
     return _done_problem(data, name, str(path)) is None
+
+
+def _variant_steps(keys: list[str], compare: str) -> dict[str, list[str]]:
+    """{variant: its step folders in order} under ``steps/NN-compare/`` in ``keys``."""
+    out: dict[str, set[str]] = {}
+    for key in keys:
+        parts = key.split("/")
+        if len(parts) >= 5 and parts[1] == compare and _STEP.match(parts[3]) and not parts[2].startswith("_"):
+            out.setdefault(parts[2], set()).add(parts[3])
+    return {v: sorted(names, key=lambda n: int(n.split("-", 1)[0])) for v, names in sorted(out.items())}
 
 
 def _results_problem(data: bytes, url: str) -> str | None:
@@ -125,6 +143,9 @@ class Sync:
             keys = self.storage.list_keys("steps")
             names = {k.split("/")[1] for k in keys if k.count("/") >= 2 and _STEP.match(k.split("/")[1])}
             for name in sorted(names, key=lambda n: int(n.split("-", 1)[0])):
+                if name.endswith(f"-{COMPARE_KIND}"):  # the last step: each variant resumes on its own
+                    self._pull_variants(name, keys, got)
+                    break
                 if _local_done(self.job_dir / "steps" / name / "done.json", name):
                     continue  # this folder has it already (the same node, relaunched)
                 if self._pull_step(name, keys):
@@ -144,6 +165,21 @@ class Sync:
                     write_bytes_atomic(results, data)
                     got["results"] = True
         return got
+
+    def _pull_variants(self, compare: str, keys: list[str], got: dict[str, Any]) -> None:
+        """A compare step's variants, each like a pipeline: its finished steps, then the newest
+        checkpoint of its first unfinished one."""
+        for variant, folders in _variant_steps(keys, compare).items():
+            for folder in folders:
+                name = f"{compare}/{variant}/{folder}"
+                if _local_done(self.job_dir / "steps" / name / "done.json", name):
+                    continue
+                if self._pull_step(name, keys):
+                    got["steps"].append(name)
+                    continue
+                if (ckpt := self._pull_checkpoint(name)) is not None:
+                    got["checkpoints"].append(f"{name}/{ckpt}")
+                break
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -275,14 +311,17 @@ class Sync:
         if not _rank0():
             return
         try:
-            for done in sorted((self.job_dir / "steps").glob("*/done.json")):
-                key = f"steps/{done.parent.name}/done.json"
+            steps = self.job_dir / "steps"
+            finished = sorted(steps.glob("*/done.json")) + sorted(steps.glob(f"*-{COMPARE_KIND}/*/*/done.json"))
+            for done in finished:
+                rel = done.parent.relative_to(self.job_dir).as_posix()  # steps/NN-KIND, or a variant's step
+                key = f"{rel}/done.json"
                 data = done.read_bytes()
                 if self.storage.get_bytes(key) == data:
                     continue
                 model = done.parent / "model"
                 if model.is_dir():
-                    self.storage.sync_up(model, f"steps/{done.parent.name}/model")
+                    self.storage.sync_up(model, f"{rel}/model")
                 self.storage.put_bytes(key, data)
             results = self.job_dir / RESULTS_FILE
             if results.is_file():

@@ -12,6 +12,7 @@ from ..store import Store
 from .data import report_data
 from .markdown import render_markdown
 from .page import render_html
+from .pareto import plot_pareto
 from .svg import plot_all
 
 __all__ = ["report_data", "write_report"]
@@ -22,7 +23,7 @@ def write_report(store: Store, name: str) -> list[Path]:
     data = report_data(store, name)
     job_dir = Path(data["job_dir"])
     job_dir.mkdir(parents=True, exist_ok=True)
-    images = plot_all(data, job_dir)
+    images = {**plot_all(data, job_dir), **plot_pareto(data, job_dir)}
     md, html = job_dir / "report.md", job_dir / "report.html"
     md.write_text(render_markdown(data, images), encoding="utf-8")
     html.write_text(render_html(data, images), encoding="utf-8")

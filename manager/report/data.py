@@ -16,6 +16,7 @@ from optjob.steps.layout import RESULTS_FILE
 from .. import paths
 from ..job_states import STOP_REQUESTED
 from ..store import JobRow, Store
+from .pareto import fronts
 
 #: Canonical metric name -> names the workload may use for it (first match wins).
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -27,7 +28,10 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "eval_loss": ("eval_loss",),
     "latency_ms": ("latency_ms", "forward_latency_ms", "fwd_latency_ms", "latency"),
     "gen_latency_ms": ("gen_latency_ms", "generate_latency_ms", "generation_latency_ms"),
+    "latency_ms_iqr": ("latency_ms_iqr",),
+    "gen_latency_ms_iqr": ("gen_latency_ms_iqr",),
     "tokens_per_s": ("tokens_per_s", "train_tokens_per_s"),
+    "gen_tokens_per_s": ("gen_tokens_per_s",),
     "sparsity": ("sparsity",),
 }
 #: Row field -> the metric it compares against the baseline.
@@ -82,6 +86,28 @@ def _method(m: Rec) -> str | None:
     return method
 
 
+#: Row field -> the latency whose difference from the baseline's it flags as within the noise.
+NOISE = {"latency_noise": "latency_ms", "gen_latency_noise": "gen_latency_ms"}
+#: Prefix of the metrics of lm-eval tasks (``task:TASK:METRIC``, ``steps.tasks``): one report column each.
+TASK_PREFIX = "task:"
+
+
+def within_noise(m: Rec, base: Rec, key: str) -> bool | None:
+    """Whether ``m[key]`` differs from the baseline's by less than the noise: the larger of the two
+    interquartile ranges of the repeats (``KEY_iqr``). None where either figure or both spreads are unknown."""
+    a, b = m.get(key), base.get(key)
+    spreads = [x for x in (m.get(f"{key}_iqr"), base.get(f"{key}_iqr")) if x is not None]
+    if a is None or b is None or not spreads:
+        return None
+    return abs(a - b) < max(spreads)
+
+
+def task_scores(metrics: Any) -> Rec:
+    """``{task:TASK:METRIC: value}`` of a step's metrics (lm-eval tasks)."""
+    return {k: v for k, v in _dict(metrics).items() if isinstance(k, str) and k.startswith(TASK_PREFIX)
+            and _num(v) is not None}
+
+
 def pct(new: float | None, base: float | None) -> float | None:
     return None if new is None or not base else round((new - base) / abs(base) * 100.0, 4)
 
@@ -123,6 +149,14 @@ def ended_as(status: str, exit_code: int | None, stop_reason: str | None) -> str
     return status + (f" (exit {exit_code})" if exit_code not in (None, 0) else "")
 
 
+def step_key(rec: Rec) -> Any:
+    """What identifies a step in events and records: its index, or (index, variant, variant step) for a
+    compare variant's step (they share the compare step's index)."""
+    if rec.get("variant") is None:
+        return rec.get("index")
+    return (rec.get("index"), rec.get("variant"), rec.get("variant_step"))
+
+
 def step_costs(store: Store, name: str, attempts: list[Rec], walls: dict[Any, float]) -> dict[Any, float]:
     """{step index: dollars}: each attempt's spend, interrupted attempts and earlier runs included,
     split across the steps it worked on by its time on each (from its events: a step runs from its
@@ -139,10 +173,10 @@ def step_costs(store: Store, name: str, attempts: list[Rec], walls: dict[Any, fl
         spans: dict[Any, float] = {}
         events = sorted(marks.get(a["number"], []), key=lambda e: e["ts"])
         for e, nxt in zip(events, [*events[1:], None] if events else [], strict=True):
-            if e.get("event") != "step_started" or e.get("index") not in walls:
+            if e.get("event") != "step_started" or step_key(e) not in walls:
                 continue
             end = nxt["ts"] if nxt is not None else (a["ended_at"] or e["ts"])
-            spans[e["index"]] = spans.get(e["index"], 0.0) + max(0.0, end - e["ts"])
+            spans[step_key(e)] = spans.get(step_key(e), 0.0) + max(0.0, end - e["ts"])
         busy = sum(spans.values())
         if busy <= 0:
             pool += a["usd"]
@@ -157,6 +191,12 @@ def step_costs(store: Store, name: str, attempts: list[Rec], walls: dict[Any, fl
     return costs
 
 
+def _curve_key(rec: Rec) -> str:
+    """``1-train``; a compare variant's step ``1-distill (NAME)`` (its variants share the index)."""
+    key = f"{rec.get('index')}-{rec.get('kind')}"
+    return key if rec.get("variant") is None else f"{key} ({rec.get('variant')})"
+
+
 def _curves(steps: list[Rec], events: list[Rec]) -> dict[str, list[list[float]]]:
     """Loss curves from results.json, else from the run's progress events."""
     curves: dict[str, list[list[float]]] = {}
@@ -165,11 +205,11 @@ def _curves(steps: list[Rec], events: list[Rec]) -> dict[str, list[list[float]]]
         pts = [[p[0], p[1]] for p in extra.get("loss_curve") or extra.get("losses") or []
                if isinstance(p, (list, tuple)) and len(p) >= 2 and None not in map(_num, p[:2])]
         if pts:
-            curves[f"{s.get('index')}-{s.get('kind')}"] = pts
+            curves[_curve_key(s)] = pts
     seen: dict[str, dict[float, float]] = {}
     for e in events:  # a resumed attempt repeats steps: the later point wins
         step, loss = _num(e.get("step")), _num(e.get("loss"))
-        key = f"{e.get('index')}-{e.get('kind')}"
+        key = _curve_key(e)
         if e.get("event") == "progress" and e.get("kind") in TRAINING_KINDS and loss is not None:
             seen.setdefault(key, {})[step if step is not None else len(seen.get(key, ()))] = loss
     for key, pts_by_step in seen.items():
@@ -243,20 +283,23 @@ def report_data(store: Store, name: str) -> Rec:
         source = source or ("events" if steps else None)
     baseline = pick((results or {}).get("baseline"))
     run_usd = sum(a["usd"] for a in attempts if a["number"] in this_run)
-    costs = step_costs(store, name, attempts, {s.get("index"): _num(s.get("wall_s")) or 0.0 for s in steps})
+    costs = step_costs(store, name, attempts, {step_key(s): _num(s.get("wall_s")) or 0.0 for s in steps})
 
-    def row(index: Any, kind: Any, label: str, metrics: Any, wall: Any = None, output: Any = None
-            ) -> Rec:
+    def row(index: Any, kind: Any, label: str, metrics: Any, wall: Any = None, output: Any = None,
+            variant: str | None = None, cost_of: list[Any] | None = None) -> Rec:
         m = pick(metrics)
-        cost = costs.get(index, 0.0) if wall is not None and costs else None
-        return {"index": index, "kind": kind, "label": label, "wall_s": wall, "output": output,
+        cost = sum(costs.get(k, 0.0) for k in cost_of or [index]) if wall is not None and costs else None
+        return {"index": index, "kind": kind, "label": label, "variant": variant, "wall_s": wall, "output": output,
                 **m, "cost_usd": cost, **{d: None if kind == "baseline" else pct(m[k], baseline[k])
                                           for d, k in DELTAS.items()},
-                "metrics": _dict(metrics)}
+                **{n: None if kind == "baseline" else within_noise(m, baseline, k) for n, k in NOISE.items()},
+                "tasks": task_scores(metrics), "metrics": _dict(metrics)}
 
     rows = [row(None, "baseline", "baseline", (results or {}).get("baseline"))] if any(
         v is not None for v in baseline.values()) else []
     for s in steps:
+        if s.get("variant") is not None:
+            continue  # one row per variant, below
         method = pick(s.get("metrics"))["method"]
         label = f"{_or(s.get('index'), '')} {s.get('kind')}".strip()
         label += f" ({method})" if method else ""
@@ -268,6 +311,7 @@ def report_data(store: Store, name: str) -> Rec:
         last = f"{_or(steps[-1].get('index'), '')} {steps[-1].get('kind')}".strip()
         rows.append(row(steps[-1].get("index"), "final", f"final (after {last})", final,
                         output=steps[-1].get("output")))
+    rows += variant_rows(steps, row)
     plan = job.plan if job else {}
     return {
         "name": name, "status": job.status.value if job else "unknown",
@@ -279,5 +323,30 @@ def report_data(store: Store, name: str) -> Rec:
         "run_spent_usd": run_usd, "attempts": attempts, "baseline": baseline, "rows": rows,
         "hpo_trials": _trials(steps, events, job.spec_json if job else None),
         "loss_curves": _curves(steps, events), "final": pick((results or {}).get("final")),
-        "cost_note": COST_NOTE,
+        "task_columns": sorted({k for r in rows for k in r["tasks"]}),
+        "cost_note": COST_NOTE, "fronts": fronts(rows) if any(r["variant"] for r in rows) else None,
     }
+
+
+def variant_rows(steps: list[Rec], row: Any) -> list[Rec]:
+    """One row per compare variant: its last step's model and measurements, the wall time and cost of
+    all its steps, its recipe (``prune (wanda) → quantize (rtn int4 g128)``) and whether it is on the
+    Pareto fronts (``on_front``: the fronts it is on, by name)."""
+    by: dict[str, list[Rec]] = {}
+    for s in steps:
+        if s.get("variant") is not None:
+            by.setdefault(str(s["variant"]), []).append(s)
+    out = []
+    for name, parts in by.items():
+        last = parts[-1]
+        recipe = " → ".join(f"{p.get('kind')}" + (f" ({m})" if (m := pick(p.get("metrics"))["method"]) else "")
+                            for p in parts)
+        walls = [_num(p.get("wall_s")) for p in parts]
+        wall = sum(w for w in walls if w is not None) if any(w is not None for w in walls) else None
+        r = row(last.get("index"), "variant", f"{name}: {recipe}", last.get("metrics"), wall,
+                output=last.get("output"), variant=name, cost_of=[step_key(p) for p in parts])
+        out.append({**r, "recipe": recipe, "steps": len(parts)})
+    front = fronts(out)
+    for r in out:
+        r["on_front"] = [label for label, names in front.items() if r["variant"] in names]
+    return out

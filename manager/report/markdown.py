@@ -5,7 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import Rec
-from .text import ATTEMPT_HEADERS, HEADERS, TRIAL_HEADERS, attempt_cells, cells, headline, notes, trial_cells
+from .text import (
+    ATTEMPT_HEADERS,
+    COMPARE_HEADERS,
+    HEADERS,
+    TRIAL_HEADERS,
+    attempt_cells,
+    cells,
+    compare_cells,
+    compare_notes,
+    compare_rows,
+    headline,
+    notes,
+    task_headers,
+    task_rows,
+    trial_cells,
+)
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -22,6 +37,11 @@ def render_markdown(data: Rec, images: dict[str, Path]) -> str:
     if data["rows"]:
         out += _md_table(HEADERS, [cells(r) for r in data["rows"]])
     out += [line for n in notes(data) for line in (n, "")]
+    if tasks := task_rows(data):
+        out += ["## Tasks (lm-evaluation-harness)", "", *_md_table(task_headers(data), tasks)]
+    if variants := compare_rows(data):
+        out += ["## Compare", "", *_md_table(COMPARE_HEADERS, [compare_cells(r) for r in variants])]
+        out += [line for n in compare_notes(data) for line in (n, "")]
     if data["hpo_trials"]:
         out += ["## HPO trials (★ best)", "",
                 *_md_table(TRIAL_HEADERS, list(map(trial_cells, data["hpo_trials"])))]

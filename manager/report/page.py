@@ -7,7 +7,22 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .text import ATTEMPT_HEADERS, HEADERS, TRIAL_HEADERS, attempt_cells, cells, headline, notes, trial_cells
+from .text import (
+    ATTEMPT_HEADERS,
+    COMPARE_HEADERS,
+    HEADERS,
+    TRIAL_HEADERS,
+    attempt_cells,
+    cells,
+    compare_cells,
+    compare_notes,
+    compare_rows,
+    headline,
+    notes,
+    task_headers,
+    task_rows,
+    trial_cells,
+)
 
 Rec = dict[str, Any]
 _DELTA = re.compile(r" \(([−+])([^)]*%)\)")
@@ -71,6 +86,12 @@ def render_html(data: Rec, images: dict[str, Path]) -> str:
         parts.append(_table(HEADERS, [cells(r) for r in data["rows"]],
                             ["baseline" if r["kind"] == "baseline" else "" for r in data["rows"]]))
     parts += [f'<p class="note">{html.escape(n)}</p>' for n in notes(data)]
+    if tasks := task_rows(data):
+        parts += ["<h2>Tasks (lm-evaluation-harness)</h2>", _table(task_headers(data), tasks)]
+    if variants := compare_rows(data):
+        parts += ["<h2>Compare</h2>", _table(COMPARE_HEADERS, [compare_cells(r) for r in variants],
+                                             ["best" if r.get("on_front") else "" for r in variants])]
+        parts += [f'<p class="note">{html.escape(n)}</p>' for n in compare_notes(data)]
     if data["hpo_trials"]:
         parts += ["<h2>HPO trials (★ best)</h2>",
                   _table(TRIAL_HEADERS, [trial_cells(t) for t in data["hpo_trials"]],

@@ -166,7 +166,7 @@ def loss_svg(curves: dict[str, list[list[float]]]) -> str | None:
         return None
     groups: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for key, points in series.items():
-        kind = key.split("-", 1)[1] if "-" in key else key
+        kind = (key.split("-", 1)[1] if "-" in key else key).split(" ")[0]  # "1-distill (VARIANT)": distill
         groups.setdefault(LOSS_AXES.get(kind, TRAINING_LOSS), {})[key] = points
     panel, height = 760, 420
     width = panel * len(groups)
@@ -205,7 +205,8 @@ def _loss_panel(out: list[str], series: dict[str, list[tuple[float, float]]], bo
 def tradeoff_svg(rows: list[Rec]) -> str | None:
     """Size on disk vs perplexity and forward latency vs perplexity (log scale), a labelled point per model."""
     # An evaluate step measures the model before it again: one point per model, not per step.
-    models = [r for r in rows if r.get("kind") != "evaluate"] or rows
+    # Compare variants have their own plot (``pareto.py``): this one follows the pipeline up to compare.
+    models = [r for r in rows if r.get("kind") not in ("evaluate", "variant")] or rows
     series = [[(float(r[key]) / scale, float(r["perplexity"]), str(r["label"])) for r in models
                if r.get(key) is not None and r.get("perplexity") is not None]
               for _, key, scale, _ in PANELS]

@@ -46,15 +46,70 @@ def cells(r: Rec) -> list[str]:
             _scaled(r["size_bytes"], BYTES, ".1f") + fmt_delta(r["d_size_pct"]),
             fmt(r["perplexity"], ".2f") + fmt_delta(r["d_perplexity_pct"]),
             fmt(acc if acc is None or acc > 1 else acc * 100, ".1f", "%"),
-            fmt(r["latency_ms"], ".2f", " ms") + fmt_delta(r["d_latency_pct"]),
-            fmt(r["gen_latency_ms"], ".1f", " ms"), fmt(r["tokens_per_s"], ",.0f"),
+            fmt(r["latency_ms"], ".2f", " ms") + fmt_delta(r["d_latency_pct"]) + noise(r, "latency_noise"),
+            fmt(r["gen_latency_ms"], ".1f", " ms") + noise(r, "gen_latency_noise"), fmt(r["tokens_per_s"], ",.0f"),
             fmt_s(r["wall_s"]), "–" if r["cost_usd"] is None else f"${r['cost_usd']:.4f}"]
+
+
+#: The marker of a latency within the noise, and its footnote.
+NOISE_MARK = " ~"
+NOISE_NOTE = ("~ within noise: the latency differs from the baseline's by less than the interquartile range "
+              "of the timed repeats (the larger of the two), so the difference is not measured.")
+
+
+def noise(r: Rec, field: str) -> str:
+    """`` ~`` where the row's latency is within the noise of the baseline's (``data.within_noise``)."""
+    return NOISE_MARK if r.get(field) else ""
+
+
+def task_headers(data: Rec) -> list[str]:
+    """The task table's headers: the step, then one column per lm-eval task metric (``hellaswag acc_norm``)."""
+    return ["Step", *(c.removeprefix("task:").replace(":", " ", 1) for c in data.get("task_columns") or [])]
+
+
+def task_rows(data: Rec) -> list[list[str]]:
+    """One row per model with task scores: its label, then each task metric as lm-eval gives it."""
+    columns = data.get("task_columns") or []
+    out = []
+    for r in data["rows"]:
+        scores = r.get("tasks") or {}
+        if scores:
+            out.append([str(r["label"]), *(fmt(scores.get(c), ".4g") for c in columns)])
+    return out
 
 
 HEADERS = ["Step", "Params", "Size", "Perplexity", "Accuracy", "Fwd latency", "Gen latency",
            "Train tok/s", "Wall", "Cost¹"]
 TRIAL_HEADERS = ["Trial", "Params", "Value", "State"]
 ATTEMPT_HEADERS = ["Attempt", "Status", "Duration", "$/h", "Nodes", "Spot", "$", "Ended because"]
+
+
+COMPARE_HEADERS = ["Variant", "Recipe", "Size", "Perplexity", "Fwd latency", "Gen tok/s", "Wall", "Cost¹",
+                   "Pareto front"]
+
+
+def compare_rows(data: Rec) -> list[Rec]:
+    return [r for r in data["rows"] if r.get("variant") is not None]
+
+
+def compare_cells(r: Rec) -> list[str]:
+    """One compare variant's cells (``★`` where it is on a Pareto front)."""
+    on = r.get("on_front") or []
+    return [str(r["variant"]) + (" ★" if on else ""), str(r.get("recipe") or ""),
+            _scaled(r["size_bytes"], BYTES, ".1f") + fmt_delta(r["d_size_pct"]),
+            fmt(r["perplexity"], ".2f") + fmt_delta(r["d_perplexity_pct"]),
+            fmt(r["latency_ms"], ".2f", " ms") + fmt_delta(r["d_latency_pct"]) + noise(r, "latency_noise"),
+            fmt(r.get("gen_tokens_per_s"), ",.0f"), fmt_s(r["wall_s"]),
+            "–" if r["cost_usd"] is None else f"${r['cost_usd']:.4f}", ", ".join(on) or "–"]
+
+
+def compare_notes(data: Rec) -> list[str]:
+    """The sentences under the compare table: which variants are on each Pareto front."""
+    fronts = data.get("fronts") or {}
+    out = [f"Pareto front, perplexity vs {label}: " + (", ".join(names) if names else "not measured") + "."
+           for label, names in fronts.items()]
+    return [*out, "★ on a front: no other variant is as good or better on both figures and better on one "
+                  "(lower perplexity, smaller size or latency). Deltas are against the baseline."]
 
 
 def trial_cells(t: Rec) -> list[str]:
@@ -98,6 +153,8 @@ def notes(data: Rec) -> list[str]:
     if data["rows"]:
         out += ["Deltas in parentheses are against the baseline (the model before the first step).",
                 f"¹ {data['cost_note']}"]
+        if any(r.get("latency_noise") or r.get("gen_latency_noise") for r in data["rows"]):
+            out.append(NOISE_NOTE)
     if data["results_source"] is None:
         out.append("No results yet: the job wrote no results.json (it may have failed before its "
                    "first step finished). Attempts and spend are below.")

@@ -112,3 +112,21 @@ def test_an_unreachable_tracking_server_is_one_warning(home: Path, capsys: pytes
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"warning: tracking: could not log done to MLflow at {uri}: ")
     assert store.job("done").status is JobStatus.SUCCEEDED  # type: ignore[union-attr]
+
+
+def test_compare_variants_get_names_of_their_own() -> None:
+    """Every variant row of a compare shares the compare step's index: their metrics were logged under
+    one name (``01-variant``), each overwriting the last."""
+    from optjob.manager.tracking import metric_points
+
+    data = {"rows": [
+        {"kind": "train", "index": 0, "variant": None, "metrics": {"perplexity": 9.0}, "cost_usd": 0.1},
+        {"kind": "prune", "index": 1, "variant": "wanda", "metrics": {"perplexity": 10.0}, "cost_usd": 0.2},
+        {"kind": "prune", "index": 1, "variant": "magnitude", "metrics": {"perplexity": 12.0}, "cost_usd": 0.2},
+    ], "loss_curves": {"0-train": [[1, 5.0]], "1-distill (small)": [[1, 4.0]]}, "hpo_trials": [],
+        "spent_usd": 0.5, "run_spent_usd": 0.5, "estimated_usd": None}  # fmt: skip
+    points = {name: value for name, value, _ in metric_points(data)}
+    assert points["01-prune-wanda/perplexity"] == 10.0 and points["01-prune-magnitude/perplexity"] == 12.0
+    assert points["00-train/perplexity"] == 9.0
+    assert points["01-distill-small/loss"] == 4.0 and points["00-train/loss"] == 5.0
+    assert "estimated_usd" not in points

@@ -37,6 +37,7 @@ def test_metrics_present_and_sane(tiny_model: Any, make_ctx: Any, tiny_spec: Any
     assert abs(m["eval_loss"] - math.log(512)) < 0.5  # untrained: about uniform
     assert 0.0 <= m["accuracy"] <= 1.0
     assert m["latency_ms"] > 0 and m["gen_latency_ms"] > 0 and m["gen_tokens_per_s"] > 0
+    assert m["latency_ms_iqr"] >= 0 and m["gen_latency_ms_iqr"] >= 0
     assert m["params"] == count_params(model) > 100_000
     assert 0 < m["nonzero_params"] <= m["params"]
     assert m["size_bytes"] > 0 and m["peak_mem_bytes"] > 0
@@ -126,11 +127,52 @@ def test_build_every_family(family: str) -> None:
 
 
 def test_latency_median_times_fast_calls_longer_and_slow_ones_only_as_asked() -> None:
-    from optjob.steps.evaluate import MAX_REPEAT_FACTOR, _median_ms
+    from optjob.steps.evaluate import MAX_REPEAT_FACTOR, _timed_ms
 
     calls = []
-    _median_ms(lambda: calls.append(1), 3, torch.device("cpu"))  # instant: runs until the cap
+    _timed_ms(lambda: calls.append(1), 3, torch.device("cpu"))  # instant: runs until the cap
     assert len(calls) == 2 + 3 * MAX_REPEAT_FACTOR
     calls.clear()
-    _median_ms(lambda: (calls.append(1), time.sleep(0.1)), 2, torch.device("cpu"))  # 2 x 0.1 s is enough
+    _timed_ms(lambda: (calls.append(1), time.sleep(0.1)), 2, torch.device("cpu"))  # 2 x 0.1 s is enough
     assert len(calls) == 2 + 2
+
+
+def test_latency_spread_is_the_median_and_the_interquartile_range() -> None:
+    from optjob.steps.evaluate import spread
+
+    assert spread([5.0]) == (5.0, 0.0)
+    # quartiles (inclusive method) of 1..9 are 3 and 7; an outlier moves neither the median nor the IQR
+    assert spread([float(x) for x in range(1, 10)]) == (5.0, 4.0)
+    assert spread([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 900.0]) == (5.0, 4.0)
+    assert spread([2.0, 1.0, 4.0, 3.0]) == (2.5, 1.5)
+
+
+def test_perplexity_of_chat_data_counts_only_the_completion_tokens(tiny_model: Any) -> None:
+    """Prompt tokens are a fixed, predictable run (one token repeated); completions random. Before, the
+    evaluate step counted every target; now only the masked-in ones, as training does."""
+    from optjob.steps.data import IGNORE_INDEX, Corpus, MaskedCorpus
+
+    ctx, model = tiny_model
+    g = torch.Generator().manual_seed(0)
+    ids, mask = [], []
+    for _ in range(120):
+        ids += [7] * 12 + torch.randint(20, 500, (6,), generator=g).tolist()
+        mask += [False] * 12 + [True] * 6
+    masked = MaskedCorpus(torch.tensor(ids), torch.tensor(mask), 32, 0.3)
+    with torch.no_grad():  # teach the model the prompt token: predicting 7 after 7 becomes easy
+        model.lm_head.weight[7] = 3 * model.model.embed_tokens.weight[7]
+    loss, acc = eval_loss(model, masked, 4, None, ctx.device)
+    total, count, hits = 0.0, 0, 0
+    with torch.no_grad():
+        for batch, labels in zip(masked.eval_batches(4), masked.eval_labels(4), strict=True):
+            logits = model(input_ids=batch[:, :-1]).logits
+            keep = labels != IGNORE_INDEX
+            total += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+            count += int(keep.sum())
+            hits += int((logits.argmax(-1)[keep] == labels[keep]).sum())
+    assert count > 0 and loss == pytest.approx(total / count, rel=1e-5) and acc == hits / count
+    everything, _ = eval_loss(model, Corpus(torch.tensor(ids), 32, 0.3), 4, None, ctx.device)
+    assert everything < loss - 0.5  # the predictable prompt tokens pulled the old figure down
+    ctx.corpus = masked
+    measured = evaluate_model(ctx, model, EvaluateStep(metrics=["perplexity"]))
+    assert measured["eval_loss"] == pytest.approx(loss) and measured["perplexity"] == pytest.approx(math.exp(loss))

@@ -102,6 +102,47 @@ def test_pull_resumes_the_first_unfinished_step_from_its_newest_checkpoint(tmp_p
     assert Sync(store, tmp_path / "c").pull()["checkpoints"] == ["01-train/step-000006"]
 
 
+def test_compare_variants_reach_the_bucket_and_resume_one_by_one_on_a_fresh_node(tmp_path: Path) -> None:
+    """A compare step's variant steps (``steps/NN-compare/NAME/MM-KIND``) are pushed like steps; a
+    fresh node pulls each variant's finished steps and the checkpoint of its first unfinished one (they
+    used to stay on the node: a relaunch reran every variant, ``pull`` brought none home)."""
+    from optjob.steps.layout import variant_step_dir
+
+    store = LocalStorage(tmp_path / "bucket")
+    node = tmp_path / "a"
+    sync = Sync(store, node)
+    trunk = step_dir(node, 0, "train")
+    (trunk / "model").mkdir(parents=True)
+    (trunk / "model" / "w").write_text("trained")
+    (trunk / "done.json").write_text(json.dumps({"index": 0, "kind": "train", "output": str(trunk / "model"),
+                                                 "metrics": {}, "wall_s": 1.0, "extra": {}, "attempt": 1}))
+    wanda = variant_step_dir(node, 1, "wanda", 0, "prune")
+    (wanda / "model").mkdir(parents=True)
+    (wanda / "model" / "w").write_text("pruned")
+    (wanda / "done.json").write_text(json.dumps({
+        "index": 1, "kind": "prune", "variant": "wanda", "variant_step": 0, "output": str(wanda / "model"),
+        "metrics": {}, "wall_s": 1.0, "extra": {}, "attempt": 1}))
+    sync.push_steps()
+    student = variant_step_dir(node, 1, "student", 0, "distill")
+    sync.push_checkpoint(checkpoint(student / "checkpoints", 5), 5)
+    assert "steps/01-compare/wanda/00-prune/done.json" in store.list_keys()
+
+    fresh = tmp_path / "b"
+    got = Sync(store, fresh).pull()
+    assert got["steps"] == ["00-train", "01-compare/wanda/00-prune"]
+    assert got["checkpoints"] == ["01-compare/student/00-distill/step-000005"]
+    pulled = json.loads((variant_step_dir(fresh, 1, "wanda", 0, "prune") / "done.json").read_text())
+    assert pulled["output"] == str(variant_step_dir(fresh, 1, "wanda", 0, "prune") / "model")
+    assert (variant_step_dir(fresh, 1, "wanda", 0, "prune") / "model" / "w").read_text() == "pruned"
+
+    # A done.json that names another variant is not taken for this one.
+    liar = variant_step_dir(tmp_path / "c", 1, "gptq", 0, "prune")
+    liar.mkdir(parents=True)
+    record = json.loads((wanda / "done.json").read_text())
+    store.put_bytes("steps/01-compare/gptq/00-prune/done.json", json.dumps(record).encode())
+    assert "01-compare/gptq/00-prune" not in Sync(store, tmp_path / "c").pull()["steps"]
+
+
 def test_only_rank_0_pushes_and_from_env_opens_every_backend(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from optjob.steps.storage import AzureStorage, GCSStorage, S3Storage
@@ -196,7 +237,7 @@ def test_fresh_node_resumes_from_the_bucket(
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
-        if '"checkpoint"' in line:  # pushed before the event is printed
+        if '"event": "checkpoint"' in line:  # pushed before the event is printed (not the phase's start)
             proc.send_signal(signal.SIGKILL)
             break
     _, err = proc.communicate(timeout=120)
