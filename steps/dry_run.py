@@ -47,22 +47,32 @@ def proxy_spec(spec: JobSpec) -> JobSpec:
     data["max_chars"] = min(data["max_chars"] or DRY_RUN_CHARS, DRY_RUN_CHARS)
     data["seq_len"] = min(data["seq_len"], 64)
     for entry in d["steps"]:
-        kind, body = next(iter(entry.items()))
-        if kind == "evaluate" and body["max_batches"] is None:
-            body["max_batches"] = 2
-        for key, cap in DRY_RUN_CAPS.get(kind, {}).items():
-            if body.get(key) is not None:
-                body[key] = min(body[key], cap)
-        if "warmup_steps" in body:
-            body["warmup_steps"] = min(body["warmup_steps"], body["max_steps"])
-        if kind == "distill":
-            _shrink_student(body["student"], spec.model.init)
-        if kind == "train" and (body.get("adapter") or {}).get("method") == "qlora":
-            # bitsandbytes' 4-bit needs CUDA: the rehearsal trains the same adapter on the model as it is.
-            print("dry run: adapter method qlora rehearsed as lora (4-bit needs a CUDA GPU)",
-                  file=sys.stderr, flush=True)
-            body["adapter"]["method"] = "lora"
+        _shrink_entry(entry, spec.model.init)
     return JobSpec.model_validate(d)
+
+
+def _shrink_entry(entry: dict[str, Any], teacher: ModelInit | None) -> None:
+    """One step of the dry run's pipeline made small; a ``compare`` step's variants each in turn."""
+    kind, body = next(iter(entry.items()))
+    if kind == "compare":
+        for steps in body.values():
+            for inner in steps:
+                _shrink_entry(inner, teacher)
+        return
+    if kind == "evaluate" and body["max_batches"] is None:
+        body["max_batches"] = 2
+    for key, cap in DRY_RUN_CAPS.get(kind, {}).items():
+        if body.get(key) is not None:
+            body[key] = min(body[key], cap)
+    if "warmup_steps" in body:
+        body["warmup_steps"] = min(body["warmup_steps"], body["max_steps"])
+    if kind == "distill":
+        _shrink_student(body["student"], teacher)
+    if kind == "train" and (body.get("adapter") or {}).get("method") == "qlora":
+        # bitsandbytes' 4-bit needs CUDA: the rehearsal trains the same adapter on the model as it is.
+        print("dry run: adapter method qlora rehearsed as lora (4-bit needs a CUDA GPU)",
+              file=sys.stderr, flush=True)
+        body["adapter"]["method"] = "lora"
 
 
 def _shrink_student(s: dict[str, Any], teacher: ModelInit | None) -> None:

@@ -22,6 +22,13 @@ stopped        index, reason ("deadline" | "signal" | "deadline-hard": the watch
                that did not stop in time), step
 job_done       results (path of results.json), wall_s
 error          message, error_type, index?
+phase          phase (``steps.phases``: starting, pull, data, baseline, step, step_eval, final,
+               checkpoint, upload, reload), state ("start" | "update" | "end"), index?, kind?,
+               done?, total?, unit? (progress inside the phase), wall_s (at "end")
+check          what ("stand_in": the dry run's tiny model, ``model`` and ``data``; "reload": a step's
+               output loaded back with ``AutoModelForCausalLM.from_pretrained``; "tasks": lm-eval
+               tasks a dry run left to the real run), ok, detail?, skipped? (what was not run),
+               index?, kind? (dry runs only; ``manager.dry_run_report`` lists them)
 ============== ==================================================================
 """
 
@@ -35,7 +42,7 @@ from typing import Any, TextIO
 PROTOCOL_VERSION = 1
 KINDS = frozenset(
     {"step_started", "progress", "metrics", "checkpoint", "trial", "step_done", "stopped",
-     "job_done", "error"}
+     "job_done", "error", "phase", "check"}
 )
 _PREFIX = '{"event": '
 

@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from optjob.specs.errors import UsageError
@@ -17,7 +17,11 @@ from . import common
 from .plan import check_feasible, load_for_plan
 
 if TYPE_CHECKING:
+    from optjob.specs import JobSpec
+
     from ..controller import Outcome
+    from ..dry_run_report import DryRunReport
+    from ..plan import Plan
 
 
 def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, detach: bool, as_json: bool,
@@ -65,6 +69,10 @@ def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, deta
     if outcome.status.is_terminal():
         _write_report(store, outcome.name, quiet=as_json)
         common.notify_ended(store, outcome.name)
+    checked = None
+    if dry_run and outcome.reason == Reason.SUCCEEDED:
+        checked = dry_run_report(store, outcome.name, spec, spec_path, cloud_plan, kills,
+                                 len(rehearsal.done) if rehearsal else 0)
     if as_json:
         click.echo(json.dumps({"name": outcome.name, "status": outcome.status.value,
                                "reason": outcome.reason.value if outcome.reason else None,
@@ -73,16 +81,22 @@ def apply_command(spec_path: str, *, local: bool, dry_run: bool, yes: bool, deta
                                "up_to_date": outcome.up_to_date,
                                **({"rehearsal": {"kills_asked": kills, "kills": len(rehearsal.done),
                                                  "lost_steps": [k.lost_steps for k in rehearsal.done],
-                                                 "shortfall": rehearsal.shortfall()}} if rehearsal else {})}))
+                                                 "shortfall": rehearsal.shortfall()}} if rehearsal else {}),
+                               **({"dry_run": checked.to_json()} if checked else {})}))
     else:
         click.echo(final_line(outcome))
         if rehearsal is not None:
             lost = [k.lost_steps for k in rehearsal.done]
             click.echo(f"rehearsal: {len(rehearsal.done)} kill(s) survived; work lost per kill (steps): {lost}")
-        if cloud_plan is not None and cloud_plan.chosen is not None and outcome.reason == Reason.SUCCEEDED:
-            c = cloud_plan.chosen
-            click.echo(f"dry run passed; on {c.cloud} {c.accelerators or 'CPU'}{' spot' if c.spot else ''} "
-                       f"the full spec is projected at {c.est_hours:.2f} h, ${c.est_usd:.2f}")
+        if checked is not None:
+            for line in checked.lines():
+                click.echo(line)
+            verdict = checked.verdict()
+            if cloud_plan is not None and cloud_plan.chosen is not None:
+                c = cloud_plan.chosen
+                verdict += (f"; on {c.cloud} {c.accelerators or 'CPU'}{' spot' if c.spot else ''} "
+                            f"the full spec is projected at {c.est_hours:.2f} h, ${c.est_usd:.2f}")
+            click.echo(verdict)
     if rehearsal is not None and (short := rehearsal.shortfall()):
         click.echo(click.style("warning: ", fg="yellow", bold=True) + f"rehearsal: {short}", err=True)
     outcome.raise_for_status()
@@ -98,6 +112,21 @@ def final_line(outcome: Outcome) -> str:
     status = job_status_text(outcome.status.value, outcome.reason.value if outcome.reason else None)
     return (f"{outcome.name}: {status}, spent ${outcome.spent_usd:.4f} over {outcome.attempts} attempt(s); "
             f"{outcome.job_dir}")
+
+
+def dry_run_report(store: Store, name: str, spec: JobSpec, spec_path: str, cloud_plan: Plan | None, kills: int,
+                   kills_done: int) -> DryRunReport:
+    """What the dry run ``name`` (of ``spec``) verified and what it could not (its latest run's events)."""
+    from ..dry_run_report import build
+
+    job = store.job(name)
+    numbers = {a.number for a in store.attempts(name) if job is None or a.run == job.run}
+    events: list[dict[str, Any]] = []
+    earlier: list[dict[str, Any]] = []
+    for n, e in store.attempt_events(name):
+        (events if n in numbers else earlier).append(e)
+    # The dry run renamed the job (NAME-dry-run); what it checks is the spec as written.
+    return build(spec, spec_path, cloud_plan, events, kills=kills, kills_done=kills_done, earlier=earlier)
 
 
 def _write_report(store: Store, name: str, *, quiet: bool) -> None:

@@ -38,8 +38,30 @@ def job_summary(store: Store, job: JobRow) -> dict[str, Any]:
         "progress": job.progress, "elapsed_s": round(elapsed, 1), "spent_usd": round(spent, 6),
         "burn_usd_per_h": burn, "attempts": len(attempts), "run": job.run, "job_dir": job.job_dir,
         "message": job.message, "created_at": job.created_at, "launched_at": job.started_at,
-        "updated_at": job.updated_at,
+        "updated_at": job.updated_at, **phase_of(store, job),
     }
+
+
+#: Events that open or close a phase (``manager.phases``); a training step's position comes from the
+#: job row's latest progress event, so a long run's thousands of them are not read.
+PHASE_EVENTS = ("phase", "stopped", "error", "job_done")
+
+
+def phase_of(store: Store, job: JobRow) -> dict[str, Any]:
+    """A running job's current phase (``phase``: its JSON, ``phase_text``: a table cell), with the ETA
+    counted down to now; nothing for a finished job."""
+    from ..phases import current_phase
+
+    if job.status.is_terminal():
+        return {}
+    events = [e for _, e in store.events(job.name, kinds=PHASE_EVENTS)]
+    if (job.progress or {}).get("event") == "progress":
+        events.append(job.progress)  # the latest: it moves the step's phase if that is still open
+    phase = current_phase(events, job.plan)
+    if phase is None:
+        return {}
+    elapsed = max(0.0, store.clock.time() - phase.last_ts) if phase.last_ts is not None else 0.0
+    return {"phase": phase.to_json(elapsed), "phase_text": phase.short(elapsed)}
 
 
 def status_command(name: str | None, *, as_json: bool) -> None:

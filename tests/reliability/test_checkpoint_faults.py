@@ -177,7 +177,7 @@ def test_disk_full_in_the_workload_keeps_the_checkpoint_and_resumes(tmp_path: Pa
     first = workload(folder)
     assert first.stdout is not None
     for line in first.stdout:
-        if '"checkpoint"' in line:
+        if '"event": "checkpoint"' in line:
             first.send_signal(signal.SIGTERM)  # stop gracefully: one more checkpoint at the step reached
             break
     first.communicate(timeout=120)
