@@ -109,10 +109,11 @@ def set_threads() -> int:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision on a device (None: plain fp32).
+    """The autocast dtype for a precision on a device (None: no autocast: plain fp32, or, under
+    ``checkpoint``, the weights' own dtype).
 
     fp16 autocast is a CUDA feature here; on other devices it runs as bf16."""
-    if precision == "fp32":
+    if precision in ("fp32", "checkpoint"):
         return None
     if precision == "fp16" and device.type != "cuda":
         print(f"precision fp16 runs as bf16 on {device.type}", file=sys.stderr, flush=True)

@@ -100,10 +100,12 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> nn.Module:
     return model.to(device)
 
 
-def load_hub_model(name: str, device: torch.device | str = "cpu") -> nn.Module:
+def load_hub_model(name: str, device: torch.device | str = "cpu", *, keep_dtype: bool = False) -> nn.Module:
     """A hub model: fp32 on a CPU; on a GPU in its checkpoint's dtype (an 8B model in bf16 is 16 GB
-    where fp32 would not fit; training upcasts its master weights itself, ``train.to_master_weights``)."""
-    dtype: Any = "auto" if torch.device(device).type == "cuda" else torch.float32
+    where fp32 would not fit; training upcasts its master weights itself, ``train.to_master_weights``).
+    ``keep_dtype``: in its checkpoint's dtype on a CPU too (the first training step says
+    ``precision: checkpoint``)."""
+    dtype: Any = "auto" if keep_dtype or torch.device(device).type == "cuda" else torch.float32
     try:
         model: nn.Module = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except Exception as exc:
@@ -121,7 +123,8 @@ def initial_model(spec: JobSpec, tokenizer: Any, device: torch.device | str = "c
         special = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         model: nn.Module = build_model(m.init, len(tokenizer), seed, **special)
     elif m.hf is not None:
-        model = load_hub_model(m.hf, device)
+        first = next((s for s in spec.pipeline if s.kind in ("train", "distill")), None)
+        model = load_hub_model(m.hf, device, keep_dtype=getattr(first, "precision", None) == "checkpoint")
     else:
         model = load_model(Path(str(m.path)))
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()

@@ -1,6 +1,7 @@
 """Real model families and dtypes through every step.
 
-A family matrix of tiny random models (2 layers, hidden 32, vocab 256) built and saved here:
+A family matrix of tiny random models (2 layers, hidden 32, vocab 256; built and saved here
+by ``benchmarks/tiny_families.py``, which benchmarks/families.py tabulates too):
 gpt2, llama (untied and tied), mistral, qwen2, qwen3, phi3, phi, gpt_neox, opt, gemma,
 gemma2, and bf16 / fp16 checkpoints. Each step's module runs on the loaded checkpoint; its
 output is saved as the runner saves it and reloaded with plain
@@ -10,73 +11,36 @@ config alone, and the step refuses with that reason."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from optjob.specs import DistillStep, JobSpec, PruneStep, QuantizeStep, TrainStep
+from optjob.specs import DistillStep, PruneStep, QuantizeStep, TrainStep
 from optjob.specs.errors import StepError
 from optjob.steps import distill, families, prune, quantize, structure, train
-from optjob.steps.context import StepContext, StopFlag
+from optjob.steps.context import StepContext
 from optjob.steps.data import Corpus
 from optjob.steps.evaluate import eval_loss
-from optjob.steps.events import Emitter
 from optjob.steps.modeling import count_params, load_model, model_size_bytes, save_model
 from optjob.steps.structure import is_tied
 from transformers import AutoConfig, AutoModelForCausalLM
 
-VOCAB = 256
+from benchmarks.tiny_families import FAMILIES, NAMES, NO_HEADS, VOCAB, build_checkpoints, random_corpus, step_context
+from benchmarks.tiny_families import LLAMA_FIELDS as _LLAMA
+
 CPU = torch.device("cpu")
-_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=64)  # fmt: skip
-#: name -> (model_type, config fields, checkpoint dtype)
-# fmt: off
-FAMILIES: dict[str, tuple[str, dict[str, Any], torch.dtype]] = {
-    "gpt2": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=64,
-                          bos_token_id=0, eos_token_id=0), torch.float32),
-    "llama": ("llama", dict(_LLAMA, num_key_value_heads=2), torch.float32),
-    "llama-tied": ("llama", dict(_LLAMA, tie_word_embeddings=True), torch.float32),
-    "mistral": ("mistral", dict(_LLAMA, num_key_value_heads=2, sliding_window=None), torch.float32),
-    "qwen2": ("qwen2", dict(_LLAMA, num_key_value_heads=2), torch.float32),
-    "qwen3": ("qwen3", dict(_LLAMA, num_key_value_heads=2, head_dim=8), torch.float32),
-    "phi3": ("phi3", dict(_LLAMA, num_key_value_heads=2, pad_token_id=0, eos_token_id=0,
-                          bos_token_id=0), torch.float32),
-    "phi": ("phi", dict(_LLAMA), torch.float32),
-    "gpt_neox": ("gpt_neox", dict(_LLAMA), torch.float32),
-    "opt": ("opt", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                        word_embed_proj_dim=32, max_position_embeddings=64), torch.float32),
-    "gemma": ("gemma", dict(_LLAMA, num_key_value_heads=1, head_dim=8), torch.float32),
-    "gemma2": ("gemma2", dict(_LLAMA, num_key_value_heads=2, head_dim=8), torch.float32),
-    "llama-bf16": ("llama", dict(_LLAMA, num_key_value_heads=2), torch.bfloat16),
-    "qwen3-fp16": ("qwen3", dict(_LLAMA, num_key_value_heads=2, head_dim=8,
-                                 tie_word_embeddings=True), torch.float16),
-}
-# fmt: on
-NAMES = list(FAMILIES)
-#: Families whose attention takes the head width from hidden / heads (no head pruning).
-NO_HEADS = {"gpt2", "gpt_neox", "opt"}
 
 
 @pytest.fixture(scope="module")
 def corpus() -> Corpus:
-    g = torch.Generator().manual_seed(0)
-    return Corpus(torch.randint(0, VOCAB, (3000,), generator=g), seq_len=16, eval_fraction=0.2)
+    return random_corpus()
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every family's tiny random model, saved in its dtype."""
-    root = tmp_path_factory.mktemp("families")
-    out = {}
-    for name, (kind, fields, dtype) in FAMILIES.items():
-        torch.manual_seed(0)
-        config = AutoConfig.for_model(kind, vocab_size=VOCAB, **fields)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.save_pretrained(root / name)
-        out[name] = root / name
-    return out
+    return build_checkpoints(tmp_path_factory.mktemp("families"))
 
 
 def parent(checkpoints: dict[str, Path], name: str) -> torch.nn.Module:
@@ -85,12 +49,8 @@ def parent(checkpoints: dict[str, Path], name: str) -> torch.nn.Module:
 
 
 def make_ctx(tmp_path: Path, step: dict[str, Any], corpus: Corpus) -> StepContext:
-    init = {"layers": 2, "hidden": 32, "heads": 4, "intermediate": 64, "vocab": VOCAB}
-    spec = JobSpec.model_validate({"name": "t", "model": {"init": init}, "steps": [step]})
-    return StepContext(
-        spec=spec, job_dir=tmp_path, index=0, emitter=Emitter(io.StringIO()), device=CPU,
-        dry_run=False, corpus=corpus, tokenizer=None, stop=StopFlag(),
-    )  # fmt: skip
+    ctx: StepContext = step_context(tmp_path, step, corpus)
+    return ctx
 
 
 def loss_of(model: torch.nn.Module, corpus: Corpus) -> float:
