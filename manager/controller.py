@@ -40,6 +40,7 @@ from .meter import (
 )
 from .outcome import Unsettled, record_settled, settle
 from .plan import Plan
+from .planner import resolved_spec
 from .pricing.calibration_store import record_calibration
 from .reconcile import (
     checkpoint_seconds,
@@ -122,6 +123,12 @@ def resolve_paths(spec: JobSpec, base: Path) -> dict[str, Any]:
         d["model"]["tokenizer"] = absolute(tok)
     if spec.data.kind == "path":
         d["data"]["source"] = absolute(d["data"]["source"])
+    from optjob.specs.evaltasks import is_task_file
+
+    pipelines = [d["steps"], *(v for e in d["steps"] if "compare" in e for v in (e["compare"] or {}).values())]
+    for entry in (e for steps in pipelines for e in steps):
+        if (entry.get("evaluate") or {}).get("tasks"):  # lm-eval task files (evaluate.tasks)
+            entry["evaluate"]["tasks"] = [absolute(t) if is_task_file(t) else t for t in entry["evaluate"]["tasks"]]
     return d
 
 
@@ -222,7 +229,9 @@ class Controller:
                     and not (copy.exists() and os.path.samefile(plan.spec_path, copy)):
                 shutil.copyfile(plan.spec_path, copy)
             # A node in the cloud keeps its own cache (this machine's path means nothing there).
-            JobFile(spec=resolve_paths(spec, base), dry_run=plan.dry_run, device="cpu" if plan.local else "auto",
+            # The node runs what the plan decided (e.g. FSDP where the model does not fit one GPU).
+            JobFile(spec=resolve_paths(resolved_spec(spec, plan), base), dry_run=plan.dry_run,
+                    device="cpu" if plan.local else "auto",
                     cache_dir=str(paths.cache_dir()) if plan.local else None).write(job_dir)
         except OSError as exc:
             raise folder_write_error(job_dir, exc) from None
@@ -238,7 +247,7 @@ class Controller:
             # run must not write into the real job's bucket.
             env["OPTJOB_STORAGE"] = spec.storage.artifacts
         left = seconds_left(budget, spent=self.store.spend(job.name), elapsed_s=job_elapsed_s(self.store, job.name),
-                            usd_per_s=rate_usd_per_s(attempt), margin_s=teardown_margin_s(plan.provider))
+                            usd_per_s=rate_usd_per_s(attempt), margin_s=teardown_margin_s(plan.provider, spec))
         if left is not None:
             env["OPTJOB_DEADLINE"] = f"{self.clock.time() + max(0.0, left):.3f}"  # wall: the node compares
         self.store.update_job(job.name, status=JobStatus.LAUNCHING)
@@ -369,7 +378,7 @@ class Controller:
             return None
         left = seconds_left(budget, spent=self.store.spend(job.name), elapsed_s=job_elapsed_s(self.store, job.name),
                             usd_per_s=rate_usd_per_s(attempt),
-                            margin_s=stop_margin_s(self.provider.name, checkpoint_seconds(self.store, job)))
+                            margin_s=stop_margin_s(self.provider.name, checkpoint_seconds(self.store, job), job.spec()))
         if left is None or left >= interval:
             return None
         return (f"not resuming after the preemption: the budget left covers {max(0.0, left):.0f}s of work, less "
@@ -403,7 +412,8 @@ class Controller:
             handle = Handle.from_json(attempt.handle or {})
             request_stop(self.store, self.provider, job, handle, Reason.CANCELLED, "interrupted")
             try:  # then the finalizer's teardown kills whatever did not stop within the grace
-                deadline = self.clock.monotonic() + grace_s(checkpoint_seconds(self.store, job))
+                deadline = (self.clock.monotonic() + grace_s(checkpoint_seconds(self.store, job))
+                            + self.provider.stop_latency_s(handle))  # a cloud node reads its stop flag
                 while self.clock.monotonic() < deadline:
                     if observe(self.store, self.provider, job, attempt).poll.state.is_terminal():
                         break

@@ -15,6 +15,21 @@ class StepPlan:
     summary: str
     tokens: int | None = None
     est_seconds: float | None = None
+    #: A ``compare`` variant's step: the variant and the step's place in it (``index`` is compare's).
+    variant: str | None = None
+    variant_step: int | None = None
+    #: How a train/distill step's processes share it on the chosen offer: single, ddp or fsdp.
+    strategy: str | None = None
+
+
+@dataclass(frozen=True)
+class VariantPlan:
+    """One ``compare`` variant: its steps' estimated time and what that costs on the chosen offer."""
+
+    name: str
+    steps: int
+    est_seconds: float | None = None
+    est_usd: float | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,8 @@ class Plan:
     #: The starting model as the plan sized it: params, layers, hidden, heads, kv_heads, vocab,
     #: family, dtype, and where that came from (model.init, config.json, a known hub model, a guess).
     model: dict[str, Any] = field(default_factory=dict)
+    #: The ``compare`` step's variants, priced one by one (their steps are in ``steps`` too).
+    variants: tuple[VariantPlan, ...] = ()
 
     @property
     def hourly_usd(self) -> float:
@@ -96,6 +113,7 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["steps"] = [asdict(s) for s in self.steps]
+        d["variants"] = [asdict(v) for v in self.variants]
         d["offers"] = [asdict(o) for o in self.offers]
         d["chosen"] = asdict(self.chosen) if self.chosen else None
         return d

@@ -20,7 +20,7 @@ from optjob.specs.steps import (
     TrainOptions,
 )
 
-from .plan import BudgetPlan, OfferPlan, Plan, ResourcesPlan, StepPlan
+from .plan import BudgetPlan, OfferPlan, Plan, ResourcesPlan, StepPlan, VariantPlan
 
 
 def tuned_by_hpo(pipeline: list[StepBase]) -> dict[int, tuple[int, list[str]]]:
@@ -108,6 +108,9 @@ def make_plan(spec: JobSpec, spec_path: str | Path | None = None, *, local: bool
         if not local:
             check_outputs_kept(spec)
     warnings: list[str] = []
+    if not local and not dry_run and not spec.storage.artifacts:
+        warnings.append("no storage.artifacts: the job folder (results, final model, logs) is copied home from the "
+                        "cluster before teardown; checkpoints are not kept, so a lost node starts over")
     if local and spec.resources.cloud != "local" and not dry_run:
         warnings.append(f"--local: running on this machine, ignoring resources.cloud={spec.resources.cloud}"
                         + (" and its accelerators" if spec.resources.accelerators else ""))
@@ -118,6 +121,11 @@ def make_plan(spec: JobSpec, spec_path: str | Path | None = None, *, local: bool
     for i, step in enumerate(spec.pipeline):
         summary, tokens = summarize_step(step, spec.data.seq_len, tuned.get(i))
         steps.append(StepPlan(i, step.kind, summary, tokens))
+    at = len(spec.pipeline)
+    for name, variant in spec.variants.items():  # each compare variant's steps, from the model before compare
+        for j, step in enumerate(variant):
+            summary, tokens = summarize_step(step, spec.data.seq_len)
+            steps.append(StepPlan(at, step.kind, summary, tokens, variant=name, variant_step=j))
     base = Plan(
         name=spec.name, spec_path=str(spec_path) if spec_path else None,
         provider="local" if local else "skypilot", local=local, dry_run=dry_run,
@@ -125,6 +133,7 @@ def make_plan(spec: JobSpec, spec_path: str | Path | None = None, *, local: bool
         storage=spec.storage.artifacts,
         budget=BudgetPlan(spec.budget.max_usd, spec.budget.max_hours),
         warnings=tuple(warnings), model=model,
+        variants=tuple(VariantPlan(name, len(v)) for name, v in spec.variants.items()),
     )
     if dry_run:
         # The rehearsal runs a tiny proxy on this machine at no charge: no offers, no cap.
@@ -136,7 +145,35 @@ def make_plan(spec: JobSpec, spec_path: str | Path | None = None, *, local: bool
     folder = local_model(spec, spec_path)
     if folder is not None:  # the estimate reads the folder's config.json where apply will find it
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"path": str(folder)})})
-    return price_plan(spec, base)
+    return with_strategies(spec, price_plan(spec, base))
+
+
+def with_strategies(spec: JobSpec, plan: Plan) -> Plan:
+    """``plan`` with each train/distill step's strategy on the chosen offer (``pricing.memory``:
+    fsdp where the step fits the GPUs only sharded), in its summary and its ``strategy``."""
+    from .pricing.memory import offer_strategies
+
+    if plan.chosen is None:
+        return plan
+    chosen = offer_strategies(spec, plan.chosen.accelerators, local=plan.local)
+    steps = tuple(replace(s, strategy=chosen[s.index],
+                          summary=s.summary + (f", strategy {chosen[s.index]}" if chosen[s.index] != "single" else ""))
+                  if s.variant is None and s.index in chosen else s for s in plan.steps)
+    return replace(plan, steps=steps)
+
+
+def resolved_spec(spec: JobSpec, plan: Plan) -> JobSpec:
+    """``spec`` with the strategy the plan picked for a train step written in (``train.strategy: fsdp``
+    where it was left to the plan), as the workload must run it: job.json is written from this."""
+    picked = {s.index for s in plan.steps if s.variant is None and s.strategy == "fsdp"}
+    pipeline = spec.pipeline
+    if not any(getattr(pipeline[i], "strategy", "x") is None for i in picked):
+        return spec
+    data = spec.model_dump(mode="json")
+    for i in picked:
+        (body,) = data["steps"][i].values()
+        body["strategy"] = "fsdp"
+    return type(spec).model_validate(data)
 
 
 def local_model(spec: JobSpec, spec_path: str | Path | None) -> Path | None:
@@ -189,7 +226,10 @@ def refuse_unsupported(spec: JobSpec, config: dict[str, Any] | None, spec_path: 
     from optjob.specs.errors import SpecError
     from optjob.steps.families import unsupported
 
-    for i, step in enumerate(spec.pipeline):
+    located = [(f"steps[{i}]", step) for i, step in enumerate(spec.pipeline)]
+    located += [(f"steps[{len(spec.pipeline)}].compare.{name}[{j}]", step)
+                for name, variant in spec.variants.items() for j, step in enumerate(variant)]
+    for where, step in located:
         found = unsupported(config, step)
         if found is not None:
-            raise SpecError(f"{spec_path or '<spec>'}: steps[{i}].{step.kind}: {found}")
+            raise SpecError(f"{spec_path or '<spec>'}: {where}.{step.kind}: {found}")

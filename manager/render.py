@@ -33,8 +33,16 @@ def print_plan(plan: Plan) -> None:
         con.print(f"[yellow]warning:[/yellow] {w}")
     steps = Table("#", "step", "what", "tokens", "est. time", box=None, pad_edge=False)
     for s in plan.steps:
-        steps.add_row(str(s.index), s.kind, s.summary, f"{s.tokens:,}" if s.tokens else "-", duration(s.est_seconds))
+        kind = s.kind if s.variant is None else f"{s.variant}[{s.variant_step}] {s.kind}"
+        steps.add_row(str(s.index), kind, s.summary, f"{s.tokens:,}" if s.tokens else "-", duration(s.est_seconds))
     con.print(steps)
+    if plan.variants:
+        con.print(f"Compare: {len(plan.variants)} variants, each from the model before it, priced one by one")
+        variants = Table("variant", "steps", "est. time", "est. cost", box=None, pad_edge=False)
+        for v in plan.variants:
+            variants.add_row(v.name, str(v.steps), duration(v.est_seconds),
+                             money(v.est_usd) if v.est_usd is not None else "-")
+        con.print(variants)
     if plan.offers and not plan.local:
         shown = plan.offers[:OFFERS_SHOWN]
         more = (f"{len(shown)} of {len(plan.offers)} shown; `optjob plan --json` lists all"
@@ -76,8 +84,12 @@ def job_status_text(status: str, reason: str | None) -> str:
 
 
 def progress_text(r: dict[str, Any]) -> str:
-    """What a job is doing (a running step's position and loss), or its headline result."""
+    """What a job is doing (its current phase, with the position and loss of a training step), or its
+    headline result."""
     p = r["progress"] or {}
+    if r.get("phase_text"):
+        loss = p.get("loss") if p.get("event") == "progress" and (r.get("phase") or {}).get("phase") == "step" else None
+        return r["phase_text"] + (f" loss {loss:.3f}" if isinstance(loss, (int, float)) else "")
     if p.get("event") == "progress":
         loss = p.get("loss")
         return f"{p.get('step')}/{p.get('max_steps')}" + (f" loss {loss:.3f}" if isinstance(loss, (int, float)) else "")

@@ -188,6 +188,7 @@ def _load(text: str | bytes, source: str, layers: Layers) -> LoadedSpec:
         raise SpecError(f"{source}: document is nested too deeply") from None
     _check_local_paths(spec, node, source)
     _check_data_files(spec, node, source)
+    _check_task_files(spec, node, source)
     return LoadedSpec(spec, str(layers.defaults) if filled else None,
                       tuple((f, _value_at(data, f)) for f in filled), tuple(overrides))
 
@@ -309,6 +310,19 @@ def _check_data_files(spec: JobSpec, root: yaml.Node, source: str) -> None:
     for field, problem in check_data(spec.data):
         lines.append(f"{_where(_node_at(root, ('data', field), key=False).start_mark, source)}: "
                      f"data.{field}: {problem}")
+    if lines:
+        raise SpecError(lines[0], errors=lines)
+
+
+def _check_task_files(spec: JobSpec, root: yaml.Node, source: str) -> None:
+    """A local lm-eval task file (``evaluate.tasks``) that is missing, unreadable or names a missing data
+    file is a spec error now (``evaltasks.check_tasks``). Relative paths are from the spec's folder."""
+    from .evaltasks import check_tasks
+
+    if not (source and Path(source).is_file()):
+        return
+    lines = [f"{_where(_node_at(root, loc, key=False).start_mark, source)}: {format_loc(loc)}: {problem}"
+             for loc, problem in check_tasks(spec, Path(source).parent)]
     if lines:
         raise SpecError(lines[0], errors=lines)
 

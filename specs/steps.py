@@ -11,12 +11,14 @@ import builtins
 import difflib
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BeforeValidator, Discriminator, Field, Tag, model_validator
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Discriminator, Field, RootModel, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
 from .base import MAX_BATCH, MAX_STEPS, Seed, StrictModel
 
-Precision = Literal["fp32", "bf16", "fp16"]
+#: fp32; bf16/fp16: fp32 master weights, matmuls under autocast; checkpoint: the weights stay in the
+#: dtype the model came in (a bf16 checkpoint trains in pure bf16), no autocast.
+Precision = Literal["fp32", "bf16", "fp16", "checkpoint"]
 
 
 class EarlyStopping(StrictModel):
@@ -58,7 +60,8 @@ class TrainOptions(StepBase):
     grad_clip: float | None = Field(1.0, gt=0.0)
     """Clip the gradient norm to this value (null: no clipping)."""
     precision: Precision = "fp32"
-    """fp32, or bf16/fp16 autocast."""
+    """fp32; bf16/fp16: autocast over fp32 master weights (whatever the checkpoint's dtype); checkpoint:
+    train in the checkpoint's own dtype, no upcast (pure bf16 rounds away updates below ~1/256 of a weight)."""
     seed: Seed = 0
     """Seed for init, data order and dropout: same seed, same result."""
     eval_every: int | None = Field(None, ge=1, le=MAX_STEPS)
@@ -74,6 +77,10 @@ class TrainOptions(StepBase):
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them: far less
     memory for about a third more compute."""
+    strategy: Literal["ddp", "fsdp"] | None = None
+    """How several processes (GPUs) train: ddp (each holds the whole model and optimizer state) or
+    fsdp (weights, gradients and optimizer state sharded among them); null: the plan picks fsdp where
+    the step does not fit one GPU unsharded but fits sharded, ddp otherwise."""
 
     @model_validator(mode="after")
     def _checks(self) -> TrainOptions:
@@ -81,6 +88,15 @@ class TrainOptions(StepBase):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
         if self.early_stopping is not None and self.eval_every is None:
             raise ValueError("early_stopping needs eval_every")
+        if self.strategy == "fsdp":
+            if self.kind == "distill":
+                raise ValueError("strategy fsdp is not supported by distill (the teacher is not sharded): use ddp")
+            if getattr(self, "adapter", None) is not None:
+                raise ValueError("strategy fsdp is not supported with an adapter (lora/qlora): use ddp; the frozen "
+                                 "base is not sharded, only the adapter trains")
+            if self.precision == "fp16":
+                raise ValueError("strategy fsdp does not support precision fp16 (its loss scaler is per process): "
+                                 "use bf16")
         return self
 
     def tokens(self, seq_len: int) -> int:
@@ -124,9 +140,28 @@ class TrainStep(TrainOptions):
     """Train low-rank adapters (peft) instead of every weight; the output is the merged model, the
     adapter is saved beside it (steps/NN-train/adapter)."""
 
+    @model_validator(mode="after")
+    def _precision_of_adapter(self) -> TrainStep:
+        if self.precision == "checkpoint" and self.adapter is not None and self.adapter.method == "qlora":
+            raise ValueError("precision checkpoint: a qlora base is 4-bit, it has no checkpoint dtype to train in; "
+                             "use precision bf16, fp16 or fp32")
+        return self
+
 
 Metric = Literal["perplexity", "accuracy", "latency", "size", "memory"]
 DEFAULT_METRICS: tuple[Metric, ...] = ("perplexity", "accuracy", "latency", "size")
+
+
+def _task_entry(entry: str) -> str:
+    from .evaltasks import name_problem
+
+    if (problem := name_problem(entry)) is not None:
+        raise ValueError(problem)
+    return entry
+
+
+#: An lm-eval registry task name or a local task file (``specs.evaltasks``).
+TaskEntry = Annotated[str, AfterValidator(_task_entry)]
 
 
 class EvaluateStep(StepBase):
@@ -143,6 +178,28 @@ class EvaluateStep(StepBase):
     """Least repeats for latency medians (more, up to 10x, until 0.15 s has been timed)."""
     generate_tokens: int = Field(32, ge=1, le=4096)
     """Tokens to generate when timing generation."""
+    tasks: list[TaskEntry] = Field(default_factory=list, max_length=64)
+    """Benchmark tasks run through lm-evaluation-harness (the ``eval`` extra): names from its registry
+    (e.g. hellaswag, arc_easy; their datasets download on the node: it needs the network) or local task
+    YAML files (``.yaml``, data files beside them). Each task's metrics become ``task:NAME:METRIC``."""
+    task_limit: int | None = Field(None, ge=1, le=10_000_000)
+    """Score at most this many examples of each task (default: all)."""
+    task_fewshot: int | None = Field(None, ge=0, le=64)
+    """Few-shot examples in each prompt (default: the task's own setting, usually 0)."""
+
+    @model_validator(mode="after")
+    def _tasks_once(self) -> EvaluateStep:
+        if len(set(self.tasks)) < len(self.tasks):
+            raise ValueError("tasks: a task is listed twice")
+        return self
+
+    def task_tokens(self) -> int:
+        """Forward tokens the tasks cost, roughly (``evaltasks.EXAMPLES_PER_TASK`` examples of
+        ``evaltasks.TOKENS_PER_EXAMPLE`` tokens each, or ``task_limit`` examples), for the plan."""
+        from .evaltasks import EXAMPLES_PER_TASK, TOKENS_PER_EXAMPLE
+
+        examples = EXAMPLES_PER_TASK if self.task_limit is None else min(self.task_limit, EXAMPLES_PER_TASK)
+        return len(self.tasks) * examples * TOKENS_PER_EXAMPLE * (1 + (self.task_fewshot or 0))
 
 
 #: optuna keeps every parameter as a float internally: integers beyond 2**53 would not round-trip.
@@ -314,9 +371,35 @@ class QuantizeStep(StepBase):
         return self
 
 
-STEP_TYPES: dict[str, type[StepBase]] = {
+#: A variant's name (checked by ``JobSpec``): it names its folder (steps/NN-compare/NAME) and its report row.
+VARIANT_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
+
+
+class CompareStep(RootModel[dict[str, "list[Step]"]]):
+    """Several recipes from the same parent: ``{NAME: [steps...]}``, each variant a short pipeline
+    that starts from the model before the compare step (the last step of a spec)."""
+
+    model_config = ConfigDict(frozen=True)
+    kind: ClassVar[str] = "compare"
+
+    @model_validator(mode="after")
+    def _checks(self) -> CompareStep:
+        if not self.root:
+            raise ValueError("compare needs at least one variant, e.g. {wanda: [{prune: {method: wanda}}]}")
+        for name, steps in self.root.items():
+            if not steps:
+                raise ValueError(f"variant {name} has no steps: give it at least one")
+        return self
+
+    @property
+    def variants(self) -> dict[str, list[StepBase]]:
+        """{variant name: its step models, in order}."""
+        return {name: [entry.step for entry in steps] for name, steps in self.root.items()}  # type: ignore[misc]
+
+
+STEP_TYPES: dict[str, type[StepBase] | type[CompareStep]] = {
     cls.kind: cls
-    for cls in (TrainStep, EvaluateStep, HpoStep, PruneStep, DistillStep, QuantizeStep)
+    for cls in (TrainStep, EvaluateStep, HpoStep, PruneStep, DistillStep, QuantizeStep, CompareStep)
 }
 
 
@@ -383,26 +466,36 @@ class QuantizeEntry(_Entry):
     """A quantize step (see QuantizeStep)."""
 
 
+class CompareEntry(_Entry):
+    compare: CompareStep
+    """Several recipes side by side (see CompareStep)."""
+
+
 StepEntry = Annotated[
     Annotated[TrainEntry, Tag("train")]
     | Annotated[EvaluateEntry, Tag("evaluate")]
     | Annotated[HpoEntry, Tag("hpo")]
     | Annotated[PruneEntry, Tag("prune")]
     | Annotated[DistillEntry, Tag("distill")]
-    | Annotated[QuantizeEntry, Tag("quantize")],
+    | Annotated[QuantizeEntry, Tag("quantize")]
+    | Annotated[CompareEntry, Tag("compare")],
     Discriminator(_entry_kind),
 ]
 
 
 #: One item of ``steps:`` as the user writes it.
 Step = Annotated[StepEntry, BeforeValidator(_check_entry)]
+CompareStep.model_rebuild()
 
 
 __all__ = [
     "ADAPTER_SEARCH_FIELDS",
     "STEP_TYPES",
+    "VARIANT_NAME",
     "AdapterSpec",
     "Calibration",
+    "CompareEntry",
+    "CompareStep",
     "DistillStep",
     "Distribution",
     "EvaluateStep",

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib
-import json
 import os
 import shutil
 import sys
@@ -32,7 +30,7 @@ from optjob.specs import EvaluateStep, JobSpec
 from optjob.specs.errors import StepError
 from torch import nn
 
-from . import dist, layout, records, watchdog
+from . import dist, layout, phases, records, variants, watchdog
 from .context import StepContext, StepOutcome, StopFlag, StopRequested, finite
 from .data import build_corpus, load_text
 from .device import pick_device, set_threads
@@ -40,6 +38,7 @@ from .dry_run import DRY_RUN_CAPS, proxy_spec
 from .evaluate import evaluate_model
 from .events import Emitter
 from .exit_codes import EXIT_BAD_JOB, EXIT_DEADLINE, EXIT_FAILED, EXIT_OK, EXIT_SIGNAL
+from .fingerprint import fingerprint
 from .modeling import initial_model, load_model, save_model
 from .sync import Sync, from_env
 from .tokenizer import load_tokenizer
@@ -66,7 +65,7 @@ def step_module(kind: str) -> ModuleType:
 def preflight(spec: JobSpec, device: torch.device) -> None:
     """Import every step's module and run its ``preflight(step, device)``, so a pipeline
     that cannot finish fails before its first step rather than in the middle."""
-    for step in spec.pipeline:
+    for step in [*spec.pipeline, *(s for steps in spec.variants.values() for s in steps)]:
         check = getattr(step_module(step.kind), "preflight", None)
         if check is not None:
             check(step, device)
@@ -75,11 +74,7 @@ def preflight(spec: JobSpec, device: torch.device) -> None:
 def fingerprints(spec: JobSpec, dry_run: bool) -> list[str]:
     """One hash per step of everything its output depends on: model, data and the steps up to it."""
     d = spec.model_dump(mode="json")
-    base = {"model": d["model"], "data": d["data"], "dry_run": dry_run}
-    return [
-        hashlib.sha256(json.dumps({**base, "steps": d["steps"][: i + 1]}, sort_keys=True).encode()).hexdigest()[:16]
-        for i in range(len(d["steps"]))
-    ]
+    return [fingerprint(d, i, dry_run) for i in range(len(d["steps"]))]
 
 
 def cache_dir(job: layout.JobFile) -> Path:
@@ -109,13 +104,30 @@ class Job:
         self.sync: Sync | None = None  # artifact storage (OPTJOB_STORAGE): pushed after each step
         self.device = torch.device("cpu")
         self.results_path = job_dir / layout.RESULTS_FILE
+        self.phases = phases.PhaseLog(emitter)  # what the console shows as running now
+        phases.install(self.phases)
+        #: step index -> the automatic evaluation of its output, made in this attempt (the final
+        #: evaluation of the last step's model is that one, not a second run of it).
+        self.evaluated: dict[int, dict[str, Any]] = {}
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:  # the next job in this process (a test's) gets its own log, not this one's stream
+            if phases.active() is self.phases:
+                phases.install(None)
+
+    def _run(self) -> None:
         started = time.time()
+        if self.phases.current != "starting":
+            self.phases.enter("starting")
         self.device = dist.init(pick_device(self.job.device))
         set_threads()
         if self.job.dry_run:
-            self.spec = proxy_spec(self.spec)
+            from .dry_run_checks import stand_in
+
+            self.spec = proxy_spec(real := self.spec)
+            stand_in(self.emitter, real, self.spec)
         spec = self.spec
         # The automatic baseline/final evaluation: defaults, dry-run caps, then
         # job.json extra["auto_evaluate"] (EvaluateStep fields) on top.
@@ -123,6 +135,7 @@ class Job:
         auto.update(self.job.extra.get("auto_evaluate") or {})
         self.auto_eval = EvaluateStep.model_validate(auto)
         preflight(spec, self.device)
+        self.phases.enter("data")
         cache = cache_dir(self.job)
         text = load_text(spec.data, cache)
         self.tokenizer = load_tokenizer(spec, text, cache)
@@ -132,10 +145,13 @@ class Job:
             file=sys.stderr,
             flush=True,
         )
+        self.phases.leave()
 
         self.fingerprints = fingerprints(spec, self.job.dry_run)
+        variant_prints = variants.variant_fingerprints(spec, self.job.dry_run)
         if dist.is_main():
             self._forget_changed()
+            variants.forget_changed(self.job_dir, spec, variant_prints)
         dist.barrier()
         results = self._read_results()
         steps = spec.pipeline
@@ -157,16 +173,23 @@ class Job:
                 base = current() if not dones else self._initial_model()
                 return evaluate_model(self._context(0, initial_dir), base, self.auto_eval, initial_dir)
 
+            self.phases.enter("baseline")
             results["baseline"] = dist.on_main(baseline)
+            self.phases.leave()
             self._write_results(results)
 
         def execute(i: int, step: Any, ctx: StepContext, t: float) -> dict[str, Any]:
             """Run step ``i``; rank 0 saves its model and done.json. Its record."""
             nonlocal model, model_dir
+            self.phases.enter("step", index=i, kind=step.kind)
             outcome: StepOutcome = step_module(step.kind).run(ctx, step, current())
             model = outcome.model
             if not isinstance(step, EvaluateStep) and dist.is_main():
                 model_dir = save_model(model, ctx.step_dir() / "model", self.tokenizer)
+                if self.job.dry_run:  # the output loads as a user would load it
+                    from .dry_run_checks import reload
+
+                    reload(self.emitter, i, step.kind, model_dir)
             step_s = time.perf_counter() - t
             metrics = dict(outcome.metrics)
             measure = self.job.extra.get("evaluate_each_step", True)
@@ -174,8 +197,11 @@ class Job:
                 # Every step's output model is measured the same way, so the report compares them
                 # side by side; the step's own figures (sparsity, sizes before/after) take precedence.
                 self.stop.check()
-                metrics = {**evaluate_model(ctx, model, self.auto_eval, model_dir), **metrics}
+                self.phases.enter("step_eval", index=i, kind=step.kind)
+                self.evaluated[i] = evaluate_model(ctx, model, self.auto_eval, model_dir)
+                metrics = {**self.evaluated[i], **metrics}
                 metrics["eval_s"] = round(time.perf_counter() - t - step_s, 3)
+            self.phases.leave()
             metrics["step_s"] = round(step_s, 3)
             # What the step cost in time: its own work and the evaluation of its output, both.
             wall_s = round(time.perf_counter() - t, 3)
@@ -216,21 +242,32 @@ class Job:
                     model = None
             self._record(results, record, skipped=False)
             if self.sync is not None:
-                self.sync.push_steps()  # rank 0 only; a failure here is retried at the next push
+                with self.phases.span("upload", index=i, kind=step.kind):
+                    self.sync.push_steps()  # rank 0 only; a failure here is retried at the next push
             self._apply_hpo(i, step, record["extra"] or {})
         self.index = None
-        if isinstance(steps[-1], EvaluateStep):
+        if spec.compare is not None:  # no one final model: each variant's steps are measured
+            results.pop("final", None)
+            variants.run_variants(self, results, model_dir, current, variant_prints, step_module,
+                                  measure=self.job.extra.get("evaluate_each_step", True))
+        elif isinstance(steps[-1], EvaluateStep):
             results["final"] = results["steps"][-1]["metrics"]
+        elif (len(dones) < len(steps) and self.job.extra.get("evaluate_each_step", True)
+              and steps[-1].kind != "hpo"):  # the last step's output was measured in this attempt: once is enough
+            results["final"] = dist.on_main(lambda: self.evaluated[len(steps) - 1])
         elif len(dones) < len(steps) or "final" not in results:
 
             def final() -> dict[str, Any]:
                 self.stop.check()
                 return evaluate_model(self._context(len(steps) - 1, model_dir), current(), self.auto_eval, model_dir)
 
+            self.phases.enter("final")
             results["final"] = dist.on_main(final)
+            self.phases.leave()
         self._write_results(results)
         if self.sync is not None:
-            self.sync.push_steps(final=True)  # the node may be gone next: this push must succeed
+            with self.phases.span("upload"):
+                self.sync.push_steps(final=True)  # the node may be gone next: this push must succeed
         self.emitter.emit("job_done", results=str(self.results_path), wall_s=round(time.time() - started, 3))
 
     def _context(self, index: int, model_dir: Path | None) -> StepContext:
@@ -338,6 +375,7 @@ class Job:
 
     def _record(self, results: dict[str, Any], done: dict[str, Any], *, skipped: bool) -> None:
         entry = {k: done.get(k) for k in ("index", "kind", "output", "metrics", "wall_s", "extra")}
+        entry.update({k: done[k] for k in ("variant", "variant_step") if k in done})  # a compare variant's step
         results["steps"].append(entry)
         self._write_results(results)
         self.emitter.emit(
@@ -348,6 +386,7 @@ class Job:
             wall_s=entry["wall_s"],
             metrics=finite(entry["metrics"]),
             skipped=skipped,
+            **{k: entry[k] for k in ("variant", "variant_step") if k in entry},
         )
 
     def _write_results(self, results: dict[str, Any]) -> None:
@@ -384,9 +423,11 @@ def main(argv: list[str] | None = None, *, hard_deadline: bool = False) -> int:
     dog = watchdog.arm(deadline, lambda: emitter.emit("stopped", index=runner.index, reason="deadline-hard",
                                                       step=None)) if hard_deadline else None
     try:
+        runner.phases.enter("starting")
         runner.sync = from_env(job_dir)
         if runner.sync is not None:
-            runner.sync.start()  # pull what earlier attempts saved; push each checkpoint from now on
+            with runner.phases.span("pull"):
+                runner.sync.start()  # pull what earlier attempts saved; push each checkpoint from now on
         runner.run()
     except StopRequested as exc:
         print(f"stopped: {exc.reason}", file=sys.stderr, flush=True)

@@ -12,7 +12,11 @@ averaged over the ranks), and the reported loss is the mean over the ranks -- th
 one process would report for the same global batch. Only rank 0 emits events and
 writes checkpoints; every rank resumes from rank 0's checkpoint. Each rank draws its
 own dropout masks, so without dropout a run matches one process up to float rounding
-(and a checkpoint resumes with any number of processes the batch splits among)."""
+(and a checkpoint resumes with any number of processes the batch splits among).
+
+``strategy: fsdp`` shards the model instead of wrapping it in DDP (``fsdp``: weights, gradients and
+optimizer state split among the ranks); the batch, the losses and the checkpoints (full, unsharded,
+written by rank 0) are as under DDP, and the step ends with the whole model on every rank."""
 
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from optjob.specs.errors import StepError
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from . import adapters, dist
+from . import adapters, dist, fsdp, phases
 from . import checkpoint as ckpt
 from .context import StepContext, StepOutcome, StopRequested
 from .data import IGNORE_INDEX, MaskedCorpus
@@ -63,6 +67,10 @@ class TrainResult:
     resumed_from: int | None = None
     #: The upcast to fp32 master weights, if the model came in another dtype.
     upcast: dict[str, Any] | None = None
+    #: The dtype(s) of the weights the optimizer updated ("float32", "bfloat16", ...).
+    weights_dtype: str | None = None
+    #: How the processes shared the work: "single" (one process), "ddp" or "fsdp".
+    strategy: str = "single"
 
 
 def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -145,8 +153,8 @@ class Schedule:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-#: The dtype training keeps its weights in (the optimizer's master copy). Every current
-#: ``precision`` is mixed precision: fp32 weights, bf16/fp16 matmuls under autocast.
+#: The dtype training keeps its weights in (the optimizer's master copy). ``precision`` fp32, bf16 and
+#: fp16 keep fp32 weights (bf16/fp16 matmuls under autocast); ``checkpoint`` keeps the model's own dtype.
 MASTER_DTYPE = torch.float32
 
 
@@ -154,13 +162,23 @@ def to_master_weights(model: nn.Module, precision: str = "fp32") -> dict[str, An
     """Upcast ``model``'s floating-point parameters and buffers to fp32 in place when any
     parameter is in another dtype (a bf16/fp16 checkpoint): optimizer steps on bf16
     weights lose most small updates, and fp16 ones overflow. ``precision`` only chooses
-    the autocast dtype. Returns what was converted (None: nothing), for the metrics."""
+    the autocast dtype; ``checkpoint`` keeps the weights in the dtype they came in (no upcast).
+    Returns what was converted (None: nothing), for the metrics."""
     counts: dict[str, int] = {}
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != MASTER_DTYPE:
             name = str(p.dtype).removeprefix("torch.")
             counts[name] = counts.get(name, 0) + p.numel()
     if not counts:
+        return None
+    if precision == "checkpoint":
+        print(
+            f"precision checkpoint: training {sum(counts.values())} {'/'.join(sorted(counts))} parameters in "
+            "their own dtype (no fp32 master weights: updates below the dtype's resolution are lost"
+            + ("; fp16 runs without loss scaling and may overflow" if "float16" in counts else "") + ")",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
     model.to(MASTER_DTYPE)
     note: dict[str, Any] = {
@@ -176,6 +194,12 @@ def to_master_weights(model: nn.Module, precision: str = "fp32") -> dict[str, An
         flush=True,
     )
     return note
+
+
+def trained_dtype(model: nn.Module) -> str | None:
+    """The dtype(s) of ``model``'s trainable parameters, "/"-joined ("float32", "bfloat16")."""
+    found = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
+    return "/".join(found) or None
 
 
 def make_optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.Optimizer:
@@ -231,6 +255,10 @@ def train_loop(
         dist.split_batch(opts.batch_size)  # a clear error before any work
     main = not ddp or dist.is_main()
     emit = emit and main
+    # FSDP (``train.strategy: fsdp``, see ``fsdp``): weights, gradients and optimizer state sharded.
+    sharded = ddp and getattr(opts, "strategy", None) == "fsdp"
+    if sharded and (loss_fn is not None or adapters.adapter_of(opts) is not None or opts.precision == "fp16"):
+        raise StepError("strategy fsdp trains a plain model (no adapter, no distillation, no fp16): use ddp")
     # Chat / prompt-completion data carry a loss mask, which the default loss honours (a custom
     # loss, distillation's, sees the tokens alone).
     masked = corpus if loss_fn is None and isinstance(corpus, MaskedCorpus) else None
@@ -245,6 +273,10 @@ def train_loop(
     if opts.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
+    plain = None
+    if sharded:  # the module to hand back unsharded, then the sharding (before the optimizer sees the weights)
+        plain = fsdp.shell(model)
+        fsdp.shard(model, device)
     amp = autocast_dtype(opts.precision, device)
     scaler = (
         torch.amp.GradScaler(device.type)
@@ -261,12 +293,16 @@ def train_loop(
         found = dist.broadcast_object(found)
         dist.ensure_folder(found, present=ckpt.verify)
     if found is not None:
-        parts, meta = ckpt.load_checkpoint(found)
-        if adapter is not None:  # the adapter's weights; the frozen ones came with the step's input
+        # Sharded: rank 0 reads the weights and optimizer state and sends each rank its shard.
+        parts, meta = ckpt.load_checkpoint(found, skip=("model", "optimizer") if sharded and not main else ())
+        if sharded:
+            fsdp.load(model, optimizer, parts)
+        elif adapter is not None:  # the adapter's weights; the frozen ones came with the step's input
             adapters.load_trainable(model, parts["model"])
         else:
             model.load_state_dict(parts["model"])
-        optimizer.load_state_dict(parts["optimizer"])
+        if not sharded:
+            optimizer.load_state_dict(parts["optimizer"])
         scheduler.load_state_dict(parts["scheduler"])
         if scaler is not None and "scaler" in parts:
             scaler.load_state_dict(parts["scaler"])
@@ -275,15 +311,20 @@ def train_loop(
         state["losses"] = [tuple(x) for x in state["losses"]]
         step = resumed = int(meta["step"])
         print(f"resuming from {found} (step {step})", file=sys.stderr, flush=True)
-    net = dist.wrap(model, device) if ddp else model  # forward/backward; ``model`` for the rest
+    net = dist.wrap(model, device) if ddp and not sharded else model  # forward/backward; ``model`` for the rest
     agree = dist.agree_stop if ddp else _same
     reduce = dist.all_reduce_mean if ddp else None
 
-    def save() -> None:
-        t = time.perf_counter()
+    def save(t: float, gathered: dict[str, Any] | None = None) -> None:
+        if emit:  # the console shows the write as it happens (a big model's takes a while)
+            phases.start("checkpoint", index=ctx.index, kind=ctx.kind, step=step)
+        if gathered is None:
+            gathered = {
+                "model": adapters.trainable_state(model) if adapter is not None else model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+            }
         parts = {
-            "model": adapters.trainable_state(model) if adapter is not None else model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            **gathered,
             "scheduler": scheduler.state_dict(),
             "rng": ckpt.rng_state(),
         }
@@ -294,11 +335,16 @@ def train_loop(
         ctx.stop.observe(seconds, checkpoint=True)
         if emit:  # the manager sizes its stop margin and kill grace from these seconds
             ctx.emit("checkpoint", step=step, path=str(folder), seconds=round(seconds, 3))
+            phases.end("checkpoint")
 
     def checkpoint() -> None:
         _flush(pending, state["losses"], step, reduce)
+        t = time.perf_counter()
+        # Sharded: every rank takes part in gathering the full state to rank 0, which writes it.
+        gathered = ({"model": fsdp.model_state(model), "optimizer": fsdp.optimizer_state(model, optimizer)}
+                    if sharded else None)
         if main:
-            save()
+            save(t, gathered)
         if ddp:  # no rank leaves (and has torchrun stop the others) before it is written
             dist.barrier()
 
@@ -321,7 +367,8 @@ def train_loop(
             batch = batch.to(device, non_blocking=True)
             # DDP averages the gradients over the ranks on the last micro-batch only.
             last = micro == opts.grad_accum - 1
-            sync = net.no_sync() if ddp and not last else contextlib.nullcontext()  # type: ignore[operator]
+            # (FSDP reduce-scatters every micro-batch: the gradients stay sharded between them.)
+            sync = net.no_sync() if ddp and not sharded and not last else contextlib.nullcontext()  # type: ignore[operator]
             with sync:
                 with autocast(device, amp):
                     if labels is None:
@@ -365,13 +412,17 @@ def train_loop(
             train_s += time.perf_counter() - t
         ctx.stop.observe(time.perf_counter() - t)
         if opts.eval_every is not None and (step % opts.eval_every == 0 or step == opts.max_steps):
-            early = _periodic_eval(ctx, model, opts, amp, step, state, emit, report, ddp)
+            # Sharded, every rank runs the evaluation (a forward gathers weights from all of them).
+            early = _periodic_eval(ctx, model, opts, amp, step, state, emit, report, ddp and not sharded)
         stopped = agree(ctx.stop.reason()) if step < opts.max_steps and not early else None
         if checkpoints and (
             stopped or (step % opts.checkpoint_every == 0 and step < opts.max_steps)
         ):
             checkpoint()
     _flush(pending, state["losses"], step, reduce)
+    if plain is not None and (stopped is None or on_stop == "return"):
+        optimizer.state.clear()  # its memory for the gathered weights
+        model = fsdp.unshard(model, plain)  # every rank, as DDP leaves it: the whole trained model
     result = TrainResult(
         model=model,
         steps_done=step,
@@ -384,6 +435,8 @@ def train_loop(
         evals=[tuple(e) for e in state["evals"]],
         resumed_from=resumed or None,
         upcast=upcast,
+        weights_dtype=trained_dtype(model),
+        strategy="fsdp" if sharded else "ddp" if ddp else "single",
     )
     if stopped is not None and on_stop == "raise":
         raise StopRequested(stopped, step)
@@ -504,5 +557,8 @@ def run(ctx: StepContext, step: TrainStep, model: nn.Module) -> StepOutcome:
         metrics["best_eval_loss"] = res.best_eval_loss
     if res.upcast is not None:
         metrics["upcast"] = res.upcast
+    if res.weights_dtype is not None:
+        metrics["weights_dtype"] = res.weights_dtype
+    metrics["strategy"] = res.strategy
     extra = {"loss_curve": downsample(res.losses), "eval_curve": res.evals, **saved}
     return StepOutcome(model=res.model, metrics=metrics, extra=extra)

@@ -1,17 +1,18 @@
 """Workload -> duration -> cost: what a spec costs to COMPLETE on an offer, and which offer to pick.
 
-Per step: tokens processed x FLOPs per token (6N to train, 2N forward, 2N_teacher + 6N_student to
-distill) / (peak FLOP/s of the nodes x efficiency) + 5 s fixed, plus the automatic evaluation the
-runner makes of every step's output (generated tokens at least ``DECODE_S_PER_TOKEN`` each). Around
-the steps: provisioning (start-up and the baseline evaluation locally, 180 s on-demand, 300 s spot),
-setup (120 s on a cloud), the hub download of an ``hf`` model (2 bytes/param at 200 MB/s), and the
-stop reserve (``meter.stop_margin_s``). Efficiency defaults to 0.35; finished runs calibrate it.
+Per step: tokens processed x FLOPs per token (6N to train, 4N + 6N_adapter under LoRA, 2N forward,
+2N_teacher + 6N_student to distill, 2N (Wanda) or 4N (SparseGPT, GPTQ) per calibration token) / (peak
+FLOP/s of the nodes x efficiency) + 5 s fixed, plus the automatic evaluation the runner makes of every
+step's output (generated tokens at least ``DECODE_S_PER_TOKEN`` each). Around the steps: provisioning
+(start-up and the baseline evaluation locally, 180 s on-demand, 300 s spot), setup (120 s on a
+cloud), the hub download of an ``hf`` model (2 bytes/param at 200 MB/s), and the stop reserve
+(``meter.stop_margin_s``). Efficiency defaults to 0.35; finished runs calibrate it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from optjob.specs.steps import (
@@ -19,6 +20,7 @@ from optjob.specs.steps import (
     EvaluateStep,
     HpoStep,
     PruneStep,
+    QuantizeStep,
     StepBase,
     TrainOptions,
     TrainStep,
@@ -46,6 +48,12 @@ LOCAL_STEP_FIXED_S = 0.5
 #: A generated token is one forward call of its own: at least this long, whatever its FLOPs
 #: (kernel launches and Python per call; measured about 3-5 ms a token for small models here).
 DECODE_S_PER_TOKEN = 0.003
+#: torchao's int8 dynamic activation quantization decodes about 3x slower per token on CPU than fp32
+#: (measured 3.1-3.4x, one thread, llama 2x128 and 4x256): every evaluation after it pays that.
+INT8_DYNAMIC_DECODE_FACTOR = 3.0
+#: One-shot methods' calibration pass, FLOPs per parameter per calibration token: the layer-by-layer
+#: forward (2); SparseGPT and GPTQ also accumulate each layer's Hessian (about one forward more).
+CALIBRATION_FLOPS_PER_PARAM = {"wanda": 2.0, "sparsegpt": 4.0, "gptq": 4.0}
 DOWNLOAD_BYTES_PER_S = 200e6
 BYTES_PER_PARAM = 2  # hub checkpoints are mostly bf16/fp16 safetensors
 
@@ -59,6 +67,9 @@ class StepEstimate:
     tokens: int
     flops: float
     seconds: float
+    #: A ``compare`` variant's step: its name and place in the variant (``index`` is compare's).
+    variant: str | None = None
+    variant_step: int | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.index, self.kind, self.tokens, self.flops, self.seconds))
@@ -87,9 +98,9 @@ def overhead_seconds(spec: JobSpec, offer: Offer, *, spot: bool | None = None) -
     ``meter.stop_margin_s``), so a plan that fits only without it would be stopped short."""
     spot = offer.spot if spot is None else spot
     if offer.cloud == "local":
-        fixed = PROVISION_S["local"] + stop_margin_s("local", None)
+        fixed = PROVISION_S["local"] + stop_margin_s("local", None, spec)
     else:
-        fixed = PROVISION_S["spot" if spot else "ondemand"] + SETUP_S + stop_margin_s("skypilot", None)
+        fixed = PROVISION_S["spot" if spot else "ondemand"] + SETUP_S + stop_margin_s("skypilot", None, spec)
     if spec.model.hf is not None:
         fixed += model_params(spec.model)[0] * BYTES_PER_PARAM / DOWNLOAD_BYTES_PER_S
     return fixed
@@ -141,7 +152,7 @@ def _step(w: StepWork, offer: Offer, nodes: int, efficiency: float) -> StepEstim
     peak = node_peak_flops(offer.accelerator_name, offer.accelerator_count, w.precision) * nodes
     fixed = LOCAL_STEP_FIXED_S if offer.cloud == "local" else STEP_FIXED_S
     seconds = w.flops / (peak * efficiency) + fixed + w.floor_s
-    return StepEstimate(w.index, w.kind, w.tokens, w.flops, seconds)
+    return StepEstimate(w.index, w.kind, w.tokens, w.flops, seconds, w.variant, w.variant_step)
 
 
 def plan_offers(spec: JobSpec, offers: list[Offer], *, efficiency: float = DEFAULT_EFFICIENCY,
@@ -169,6 +180,8 @@ class StepWork:
     precision: str
     #: Seconds no FLOP count explains: generated tokens are one sequential forward call each.
     floor_s: float = 0.0
+    variant: str | None = None
+    variant_step: int | None = None
 
 
 def model_params(model: ModelSpec) -> tuple[int, int | None, str | None]:
@@ -192,11 +205,36 @@ def model_params(model: ModelSpec) -> tuple[int, int | None, str | None]:
     return ASSUMED_PARAMS, None, f"param count unknown for {what}: assumed 1B (set model.params)"
 
 
-def train_flops_per_param(step: TrainOptions) -> float:
-    """Training FLOPs per token per parameter: forward 2 + backward 4; an adapter's frozen weights
-    need no weight gradients (backward 2); gradient checkpointing runs the forward again (+2)."""
+def train_flops_per_param(step: TrainOptions, adapter_share: float = 0.0) -> float:
+    """Training FLOPs per token per model parameter: forward 2 + backward 4 (2 for the inputs'
+    gradients, 2 for the weights'). Under an adapter the frozen weights need no weight gradient
+    (forward 2 + backward 2) and the adapter's own ``adapter_share`` weights per model weight cost 6:
+    4 + 6 x share. Gradient checkpointing runs the forward again (+2 per weight)."""
+    adapted = getattr(step, "adapter", None) is not None
+    total = 1.0 + adapter_share if adapted else 1.0  # weights each token passes through
+    trained = adapter_share if adapted else 1.0  # weights that get a gradient of their own
+    return 4.0 * total + 2.0 * trained + (2.0 * total if step.gradient_checkpointing else 0.0)
+
+
+def adapter_share(step: StepBase, model: ModelSpec) -> float:
+    """The adapter's weights per weight of the model a train step starts from (0 without one)."""
     adapter = getattr(step, "adapter", None)
-    return (4.0 if adapter is not None else 6.0) + (2.0 if step.gradient_checkpointing else 0.0)
+    if adapter is None:
+        return 0.0
+    from .model_shape import model_shape
+
+    shape = model_shape(model)[0]
+    return shape.lora_params(adapter) / max(1, shape.params)
+
+
+def compute_precision(step: TrainOptions, model: ModelSpec) -> str:
+    """The precision whose peak a training step runs at: ``checkpoint`` trains in the starting
+    model's own dtype (fp32 for ``model.init``; a folder's config.json says; hub models are half)."""
+    if step.precision != "checkpoint":
+        return step.precision
+    from .model_shape import model_shape
+
+    return "fp32" if model_shape(model)[0].dtype_bytes >= 4 else "bf16"
 
 
 def corpus_tokens(data: DataSpec) -> tuple[int, str | None]:
@@ -246,6 +284,15 @@ def _pruned(step: PruneStep, n: int, arch: ModelInit | None) -> tuple[int, Model
     return new.approx_params(), new
 
 
+def calibration_work(step: PruneStep | QuantizeStep, n: int, seq: int) -> tuple[int, float]:
+    """(tokens, FLOPs) of a one-shot step's calibration pass over a model of ``n`` parameters."""
+    per_param = CALIBRATION_FLOPS_PER_PARAM.get(step.method)
+    if per_param is None:
+        return 0, 0.0
+    tokens = step.calibration.samples * (step.calibration.seq_len or seq)
+    return tokens, per_param * n * tokens
+
+
 def workload(spec: JobSpec) -> tuple[list[StepWork], int, list[str]]:
     """Tokens and FLOPs of each step as the model changes along the pipeline; also the starting
     parameter count and notes on every guess made."""
@@ -260,15 +307,17 @@ def workload(spec: JobSpec) -> tuple[list[StepWork], int, list[str]]:
     steps: list[StepBase] = spec.pipeline
     auto_eval = AUTO_EVALUATE
     precision = "fp32"
+    decode = 1.0  # how much slower than fp32 the current model generates a token
     out: list[StepWork] = []
     for i, step in enumerate(steps):
         tokens, flops = 0, 0.0
         if isinstance(step, TrainStep):
-            precision = step.precision
+            precision = compute_precision(step, spec.model)
             train, ev = step.tokens(seq), _periodic_eval(step, seq, eval_tokens)
-            tokens, flops = train + ev, train_flops_per_param(step) * n * train + 2.0 * n * ev
+            per_param = train_flops_per_param(step, adapter_share(step, spec.model))
+            tokens, flops = train + ev, per_param * n * train + 2.0 * n * ev
         elif isinstance(step, DistillStep):
-            precision = step.precision
+            precision = "fp32" if step.precision == "checkpoint" else step.precision  # the student is fp32
             teacher = n
             n, layers, arch = _student(step, n, layers, arch, notes)
             train, ev = step.tokens(seq), _periodic_eval(step, seq, eval_tokens)
@@ -276,28 +325,38 @@ def workload(spec: JobSpec) -> tuple[list[StepWork], int, list[str]]:
         elif isinstance(step, HpoStep):
             nxt = next((s for s in steps[i + 1:] if isinstance(s, (TrainStep, DistillStep))), None)
             if nxt is not None:
-                per_token = train_flops_per_param(nxt) * n
+                per_token = train_flops_per_param(nxt, adapter_share(nxt, spec.model)) * n
                 if isinstance(nxt, DistillStep):
                     per_token = 2.0 * n + 6.0 * _student(nxt, n, layers, arch, [])[0]
                 tokens = step.trials * step.trial_steps * nxt.batch_size * nxt.grad_accum * seq
                 flops = per_token * tokens
-                precision = nxt.precision
+                precision = compute_precision(nxt, spec.model) if isinstance(nxt, TrainStep) else (
+                    "fp32" if nxt.precision == "checkpoint" else nxt.precision)
             if any(k.startswith("model.init.") for k in step.space):
                 notes.append(f"steps[{i}] hpo varies model.init: trials priced at the current size")
         elif isinstance(step, PruneStep):
+            cal_tokens, cal_flops = calibration_work(step, n, seq)
             n, arch = _pruned(step, n, arch)
             tokens = step.recover_steps * step.batch_size * seq
-            flops = 6.0 * n * tokens
+            tokens, flops = tokens + cal_tokens, 6.0 * n * tokens + cal_flops
+        elif isinstance(step, QuantizeStep):
+            tokens, flops = calibration_work(step, n, seq)
+            decode = INT8_DYNAMIC_DECODE_FACTOR if step.method == "int8-dynamic" else 1.0
         elif isinstance(step, EvaluateStep):
             tokens, flops, floor = evaluation_work(step, n, seq, eval_tokens)
-            out.append(StepWork(i, step.kind, tokens, flops, precision, floor))
+            out.append(StepWork(i, step.kind, tokens, flops, precision, floor * decode))
             continue
         if step.kind != "hpo":  # the runner measures every other step's output: the automatic evaluation
             ev_tokens, ev_flops, floor = evaluation_work(auto_eval, n, seq, eval_tokens)
-            tokens, flops = tokens + ev_tokens, flops + ev_flops
+            tokens, flops, floor = tokens + ev_tokens, flops + ev_flops, floor * decode
         else:
             floor = 0.0
         out.append(StepWork(i, step.kind, tokens, flops, precision, floor))
+    for name in spec.variants:  # each compare variant from the model before compare, the steps before it once
+        work, _, more = workload(spec.variant_spec(name))
+        out += [replace(w, index=len(steps), variant=name, variant_step=w.index - len(steps))
+                for w in work[len(steps):]]
+        notes += [n for n in more if n not in notes]
     return out, start, notes
 
 
@@ -311,5 +370,5 @@ def evaluation_work(step: EvaluateStep, n: int, seq: int, eval_tokens: int) -> t
     if {"perplexity", "accuracy"} & set(step.metrics):
         tokens = eval_tokens if step.max_batches is None else min(eval_tokens, step.max_batches * step.batch_size * seq)
     generated = step.latency_repeats * step.generate_tokens if "latency" in step.metrics else 0
-    tokens += generated
+    tokens += generated + step.task_tokens()  # lm-eval tasks: a rough per-example cost (specs.evaltasks)
     return tokens, 2.0 * n * tokens, generated * DECODE_S_PER_TOKEN

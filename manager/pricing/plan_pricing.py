@@ -11,7 +11,7 @@ from typing import Any
 
 from optjob.specs import JobSpec
 
-from ..plan import OfferPlan, Plan
+from ..plan import OfferPlan, Plan, StepPlan, VariantPlan
 from .calibration_store import calibration_records
 
 #: Regions whose live AWS spot prices are fetched (the cheapest by catalog), each in its own thread.
@@ -80,13 +80,27 @@ def price_plan(spec: JobSpec, plan: Plan) -> Plan:
                           e.offer.hourly_usd))
     est = choice.estimate
     steps = plan.steps
+    variants = plan.variants
     if est is not None:
-        by_index = {s.index: s for s in est.steps}
-        steps = tuple(replace(s, est_seconds=by_index[s.index].seconds if s.index in by_index else None,
-                              tokens=by_index[s.index].tokens if s.index in by_index else s.tokens)
+        by_index = {(s.index, s.variant, s.variant_step): s for s in est.steps}
+
+        def key(s: StepPlan) -> tuple[int, str | None, int | None]:
+            return s.index, s.variant, s.variant_step
+
+        steps = tuple(replace(s, est_seconds=by_index[key(s)].seconds if key(s) in by_index else None,
+                              tokens=by_index[key(s)].tokens if key(s) in by_index else s.tokens)
                       for s in plan.steps)
+        variants = tuple(variant_priced(v, steps, est.offer.hourly_usd * spec.resources.nodes)
+                         for v in plan.variants)
     notes = tuple(dict.fromkeys([*live_notes, *fit.notes, *(est.notes if est else []),
                                  *([] if choice.fits else [choice.reason])]))
     budget = replace(plan.budget, fits=choice.fits, over_by_usd=round(choice.over_by_usd, 6), reason=choice.reason)
     return replace(plan, offers=tuple(rows), chosen=chosen, steps=steps, budget=budget, notes=notes,
-                   calibrated_runs=est.calibrated_runs if est else 0)
+                   calibrated_runs=est.calibrated_runs if est else 0, variants=variants)
+
+
+def variant_priced(variant: VariantPlan, steps: tuple[StepPlan, ...], usd_per_hour: float) -> VariantPlan:
+    """A compare variant with its steps' estimated seconds and their cost at ``usd_per_hour`` (the
+    chosen offer's nodes); the run's fixed overheads stay in the total only."""
+    seconds = sum(s.est_seconds or 0.0 for s in steps if s.variant == variant.name)
+    return replace(variant, est_seconds=round(seconds, 3), est_usd=round(seconds / 3600.0 * usd_per_hour, 6))

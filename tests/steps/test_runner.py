@@ -42,7 +42,8 @@ def job_dir(tmp_path: Path, shared_cache: Path) -> Callable[..., Path]:
 
 
 def parse_events(text: str) -> list[dict[str, Any]]:
-    return [e for e in map(parse_event, text.splitlines()) if e is not None]
+    """The events, less the console's phase and dry-run check events (tests/manager/test_console_phases.py)."""
+    return [e for e in map(parse_event, text.splitlines()) if e is not None and e["event"] not in ("phase", "check")]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -194,6 +195,22 @@ def test_dry_run_shrinks_everything(
     assert config["vocab_size"] <= 512
 
 
+def test_the_last_steps_output_is_measured_once_not_again_as_final(
+    job_dir: Callable[..., Path], tiny_spec: Spec, capsys: pytest.CaptureFixture[str], restore_signals: None,
+) -> None:  # fmt: skip
+    """A pipeline that ends with a train step: its automatic evaluation is the final one (the runner
+    evaluated the same model twice, which the plan never priced)."""
+    folder = job_dir(tiny_spec(steps=[{"train": {"max_steps": 4, "batch_size": 4}}]))
+    code = runner.main(["run", str(folder)])
+    events = [e for e in map(parse_event, capsys.readouterr().out.splitlines()) if e is not None]
+    assert code == 0
+    phases = [e["phase"] for e in events if e["event"] == "phase" and e["state"] == "start"]
+    assert "final" not in phases and phases.count("step_eval") == 1
+    results = json.loads((folder / "results.json").read_text())
+    assert results["final"]["eval_loss"] == results["steps"][0]["metrics"]["eval_loss"]
+    assert "steps" not in results["final"]  # the evaluation's figures, not the training's
+
+
 def test_proxy_spec_keeps_every_step_valid() -> None:
     spec = JobSpec.model_validate({
         "name": "p",
@@ -220,6 +237,26 @@ def test_proxy_spec_keeps_every_step_valid() -> None:
     assert distill.max_steps == 5 and distill.student.layers == 1  # type: ignore[attr-defined]
     assert distill.student.intermediate == 64  # type: ignore[attr-defined]
     assert quantize.group_size == 32 and evaluate.max_batches == 2  # type: ignore[attr-defined]
+
+
+def test_proxy_spec_shrinks_every_variant_of_a_compare() -> None:
+    """The dry run of a ``compare:`` makes each variant's steps small too (it used to skip them: GPTQ's
+    group of 128 could not split the 64-wide stand-in, the student kept its full size)."""
+    spec = JobSpec.model_validate({
+        "name": "p",
+        "model": {"init": {"layers": 8, "hidden": 512, "heads": 8, "vocab": 8000}},
+        "steps": [
+            {"train": {"max_steps": 1000}},
+            {"compare": {"gptq": [{"quantize": {"method": "gptq", "bits": 4, "group_size": 128}}],
+                         "small": [{"distill": {"student": {"layers": 4}, "max_steps": 500}},
+                                   {"evaluate": None}]}},
+        ],
+    })  # fmt: skip
+    variants = proxy_spec(spec).variants
+    assert variants["gptq"][0].group_size == 32  # type: ignore[attr-defined]
+    distill, evaluate = variants["small"]
+    assert distill.max_steps == 5 and distill.student.layers == 1  # type: ignore[attr-defined]
+    assert evaluate.max_batches == 2  # type: ignore[attr-defined]
 
 
 def test_bad_job_file_exits_2(

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from optjob.manager.meter import stop_margin_s
 from optjob.manager.pricing.calibration import RunRecord, calibrated_efficiency
-from optjob.manager.pricing.estimate import DECODE_S_PER_TOKEN, PROVISION_S, estimate, plan_offers, workload
+from optjob.manager.pricing.estimate import (
+    DECODE_S_PER_TOKEN,
+    INT8_DYNAMIC_DECODE_FACTOR,
+    PROVISION_S,
+    estimate,
+    plan_offers,
+    workload,
+)
 from optjob.manager.pricing.offers import Offer, choose, find_offers
 from optjob.specs import loads_spec
 from optjob.specs.job import JobSpec
@@ -47,7 +55,11 @@ def test_arithmetic_on_known_inputs() -> None:
     [(index, kind, got_tokens, got_flops, got_s)] = est.steps
     assert (index, kind, got_tokens) == (0, "train", tokens + AUTO_TOKENS)
     assert got_flops == pytest.approx(flops) and got_s == pytest.approx(step_s)
-    total_s = step_s + OVERHEAD_ONDEMAND
+    # No storage: the job folder is copied home, so the cluster keeps its 10 autostop minutes (not 1) and
+    # the stop reserve is what it takes to be gone with no manager alive: 10 min + skylet check + termination.
+    reserve = stop_margin_s("skypilot", None, _spec(SMALL))
+    assert reserve == pytest.approx(RESERVE - 180 + 10 * 60 + 60 + 150)
+    total_s = step_s + 180 + 120 + reserve
     assert est.total_hours == pytest.approx(total_s / 3600)
     assert est.total_usd == pytest.approx(total_s / 3600 * 4.0)
     assert est.ondemand_usd == pytest.approx(est.total_usd)
@@ -98,8 +110,9 @@ def test_every_step_kind_and_the_shrinking_model() -> None:
         ("train", 10_240 + 1_024 + auto, 6 * n1 * 10_240 + 2 * n1 * (1_024 + auto), AUTO_FLOOR_S),
         ("prune", 5 * 4 * 64 + auto, 6 * n2 * 1_280 + 2 * n2 * auto, AUTO_FLOOR_S),
         ("distill", 10 * 4 * 64 + auto, (2 * n2 + 6 * n3) * 2_560 + 2 * n3 * auto, AUTO_FLOOR_S),
-        ("quantize", auto, 2 * n3 * auto, AUTO_FLOOR_S),
-        ("evaluate", 3 * 8 * 64 + 5 * 32, 2 * n3 * 1_696, AUTO_FLOOR_S),  # capped eval split + latency tokens
+        # int8-dynamic decodes ~3x slower than fp32 on CPU: every evaluation after it pays that per token
+        ("quantize", auto, 2 * n3 * auto, AUTO_FLOOR_S * INT8_DYNAMIC_DECODE_FACTOR),
+        ("evaluate", 3 * 8 * 64 + 5 * 32, 2 * n3 * 1_696, AUTO_FLOOR_S * INT8_DYNAMIC_DECODE_FACTOR),
     ]
     spec = _spec(PIPELINE)
     work, params, notes = workload(spec)
@@ -219,3 +232,125 @@ def test_calibration_reads_state_store_rows() -> None:
                    (2_000_000, _tps(eff, 2_000_000, 121)))
     rows = list(db.execute("SELECT * FROM calibration"))
     assert calibrated_efficiency(rows, 1_500_000, "L4") == (pytest.approx(0.2), 3)
+
+
+def test_an_adapter_run_costs_4n_plus_6_per_adapter_weight() -> None:
+    from optjob.manager.pricing.estimate import adapter_share, train_flops_per_param
+    from optjob.specs import TrainStep
+
+    full, lora = TrainStep(), TrainStep.model_validate({"adapter": {"r": 8}})
+    assert train_flops_per_param(full) == 6.0 and train_flops_per_param(full, 0.5) == 6.0
+    assert train_flops_per_param(lora, 0.01) == pytest.approx(4.0 + 6 * 0.01)
+    gc = lora.model_copy(update={"gradient_checkpointing": True})
+    assert train_flops_per_param(gc, 0.01) == pytest.approx(4.0 + 6 * 0.01 + 2 * 1.01)
+    spec = _spec(LORA_RUN.format(steps="train: {adapter: {r: 8}}"))
+    share = adapter_share(spec.pipeline[0], spec.model)
+    assert 0.01 < share < 0.5  # r 8 on every Linear of a 64-wide model
+    [work] = [w for w in workload(spec)[0] if w.kind == "train"]
+    n = spec.model.init.approx_params() if spec.model.init else 0
+    assert work.flops > (4.0 + 6 * share) * n * 20 * 8 * 32  # the train tokens, plus the evaluations
+
+
+LORA_RUN = """
+model: {{init: {{layers: 2, hidden: 64, heads: 2, intermediate: 128, vocab: 512}}}}
+data: {{source: builtin:python-docs, seq_len: 32}}
+steps:
+  - {steps}
+resources: {{cloud: local}}
+"""
+
+
+def test_calibration_from_a_lora_run_predicts_a_full_run_and_itself(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LoRA run's tokens/s is measured at ~4N + 6N_adapter FLOPs a token, a full run's at 6N: the
+    efficiency a LoRA run calibrates must predict the LoRA run at its own throughput, and a full run
+    at that FLOP rate (4 + 6 x share) / 6 as fast; not as if the LoRA run had done 6N a token."""
+    from optjob.manager.planner import make_plan
+    from optjob.manager.pricing.accelerators import node_peak_flops
+    from optjob.manager.pricing.calibration import tokens_per_second
+    from optjob.manager.pricing.calibration_store import record_calibration
+    from optjob.manager.pricing.estimate import adapter_share, train_flops_per_param
+    from optjob.manager.store import Store
+
+    monkeypatch.setenv("OPTJOB_HOME", str(tmp_path / "home"))
+    lora = _spec(LORA_RUN.format(steps="train: {max_steps: 20, adapter: {r: 8}}"))
+    full = _spec(LORA_RUN.format(steps="train: {max_steps: 20}"))
+    store = Store(tmp_path / "state.db")
+    plan = make_plan(lora, local=True)
+    store.claim_job("lora", provider="local", job_dir=str(tmp_path / "j"), spec_path=None,
+                    spec_json=lora.model_dump_json(), plan_json=plan.dumps(), owner_alive=lambda job: False)
+    measured = 5000.0  # tokens/s the LoRA run reported
+    store.add_events("lora", 1, [{"event": "progress", "kind": "train", "index": 0, "step": s,
+                                  "tokens_per_s": measured} for s in (2, 3, 4)])  # fmt: skip
+    assert record_calibration(store, "lora", plan) == 1
+    rows = store.calibration()
+    n = lora.model.init.approx_params() if lora.model.init else 0
+    per_lora = train_flops_per_param(lora.pipeline[0], adapter_share(lora.pipeline[0], lora.model))
+    assert per_lora < 5.0
+    assert len(rows) == 1
+    est_lora, est_full = (estimate(s, find_offers(s.resources)[0], calibration=rows) for s in (lora, full))
+    assert est_lora.calibrated_runs == est_full.calibrated_runs == 1
+    eff = est_full.efficiency
+    assert eff == pytest.approx(measured * per_lora * n / node_peak_flops(None, 1, "fp32"))
+    assert tokens_per_second(n, "cpu", eff, "fp32", flops_per_param=per_lora) == pytest.approx(measured)
+    assert tokens_per_second(n, "cpu", eff, "fp32") == pytest.approx(measured * per_lora / 6)
+    # The estimates: the LoRA step's training takes its tokens at the measured rate.
+    train_tokens = 20 * 8 * 32
+    lora_s, full_s = (e.steps[0].seconds for e in (est_lora, est_full))
+    assert full_s - lora_s == pytest.approx(train_tokens / (measured * per_lora / 6) - train_tokens / measured)
+    # And the other way: a full run measured at 3000 tokens/s predicts the LoRA run 6 / (4 + 6 x share) as fast.
+    store.claim_job("full", provider="local", job_dir=str(tmp_path / "f"), spec_path=None,
+                    spec_json=full.model_dump_json(), plan_json=plan.dumps(), owner_alive=lambda job: False)
+    store.add_events("full", 1, [{"event": "progress", "kind": "train", "index": 0, "step": 2, "tokens_per_s": 3000.0}])
+    assert record_calibration(store, "full", plan) == 1
+    from_full = [r for r in store.calibration() if r["job_name"] == "full"]
+    eff = estimate(lora, find_offers(lora.resources)[0], calibration=from_full).efficiency
+    assert tokens_per_second(n, "cpu", eff, "fp32") == pytest.approx(3000.0)
+    assert tokens_per_second(n, "cpu", eff, "fp32", flops_per_param=per_lora) == pytest.approx(3000.0 * 6 / per_lora)
+    store.close()
+
+
+def test_a_checkpoint_precision_run_is_recorded_under_the_dtype_it_ran_in(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``precision: checkpoint`` on an fp32 model (``model.init``) ran in fp32: its calibration row says
+    fp32, so a later fp32 plan finds it (the raw word "checkpoint" matched no plan)."""
+    from optjob.manager.planner import make_plan
+    from optjob.manager.pricing.calibration_store import record_calibration
+    from optjob.manager.store import Store
+
+    monkeypatch.setenv("OPTJOB_HOME", str(tmp_path / "home"))
+    spec = _spec(LORA_RUN.format(steps="train: {max_steps: 20, precision: checkpoint}"))
+    store = Store(tmp_path / "state.db")
+    plan = make_plan(spec, local=True)
+    store.claim_job("ck", provider="local", job_dir=str(tmp_path / "j"), spec_path=None,
+                    spec_json=spec.model_dump_json(), plan_json=plan.dumps(), owner_alive=lambda job: False)
+    store.add_events("ck", 1, [{"event": "progress", "kind": "train", "index": 0, "step": 2, "tokens_per_s": 900.0}])
+    assert record_calibration(store, "ck", plan) == 1
+    assert [r["precision"] for r in store.calibration()] == ["fp32"]
+    store.close()
+
+
+def test_a_train_step_inside_a_compare_variant_calibrates_instead_of_crashing(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variant's progress events carry ``variant`` and ``variant_step``; the calibration looked the
+    step up in the trunk pipeline by index and raised IndexError, crashing apply at its end."""
+    from optjob.manager.planner import make_plan
+    from optjob.manager.pricing.calibration_store import record_calibration
+    from optjob.manager.store import Store
+
+    monkeypatch.setenv("OPTJOB_HOME", str(tmp_path / "home"))
+    spec = _spec(LORA_RUN.format(steps="train: {max_steps: 4}\n  - compare: {more: [{train: {max_steps: 4}}], "
+                                 "q: [{quantize: {method: fp16}}]}"))
+    store = Store(tmp_path / "state.db")
+    plan = make_plan(spec, local=True)
+    store.claim_job("cmp", provider="local", job_dir=str(tmp_path / "j"), spec_path=None,
+                    spec_json=spec.model_dump_json(), plan_json=plan.dumps(), owner_alive=lambda job: False)
+    store.add_events("cmp", 1, [
+        {"event": "progress", "kind": "train", "index": 0, "step": 2, "tokens_per_s": 900.0},
+        {"event": "progress", "kind": "train", "index": 1, "variant": "more", "variant_step": 0, "step": 2,
+         "tokens_per_s": 800.0},
+        {"event": "progress", "kind": "train", "index": 1, "variant": "gone", "variant_step": 0, "step": 2,
+         "tokens_per_s": 700.0},
+    ])  # fmt: skip
+    assert record_calibration(store, "cmp", plan) == 2
+    store.close()
