@@ -68,6 +68,11 @@ def _shrink_entry(entry: dict[str, Any], teacher: ModelInit | None) -> None:
         body["warmup_steps"] = min(body["warmup_steps"], body["max_steps"])
     if kind == "distill":
         _shrink_student(body["student"], teacher)
+    if kind == "quantize" and body.get("method") == "int4-weight":
+        # torchao's int4 weight-only kernels need CUDA: the rehearsal quantizes to 4 bits by rounding instead.
+        print("dry run: quantize int4-weight rehearsed as rtn 4-bit (int4-weight needs a CUDA GPU)",
+              file=sys.stderr, flush=True)
+        body.update(method="rtn", bits=4)
     if kind == "train" and (body.get("adapter") or {}).get("method") == "qlora":
         # bitsandbytes' 4-bit needs CUDA: the rehearsal trains the same adapter on the model as it is.
         print("dry run: adapter method qlora rehearsed as lora (4-bit needs a CUDA GPU)",

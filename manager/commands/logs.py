@@ -33,9 +33,21 @@ def is_noise(line: str) -> bool:
     return any(p.search(line) for p in NOISE)
 
 
+#: Phase starts worth a line of their own (a step's start and its checkpoints have their own events).
+SHOWN_PHASES = frozenset({"pull", "data", "baseline", "step_eval", "final", "upload"})
+
+
 def render_event(e: dict[str, Any]) -> str | None:
     """One readable line for an event (None for those that add nothing to the lines around them)."""
     kind, where = e.get("event"), f"{e.get('index', '?')}:{e.get('kind', '')}".rstrip(":")
+    if e.get("variant"):  # a compare variant's step: its variants share the compare step's index
+        where += f" ({e['variant']})"
+    if kind == "phase":  # the phases no other event announces: data preparation, evaluations, uploads
+        if e.get("state") == "start" and e.get("phase") in SHOWN_PHASES:
+            from ..phases import phase_label
+
+            return phase_label(e)
+        return None
     if kind == "step_started":
         return f"{where} started"
     if kind == "progress":

@@ -224,3 +224,17 @@ def test_shell_completion_as_the_readme_says(tmp_path: Path) -> None:
                            "from optjob.manager.cli import main; main()"],
                           capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
     assert "plain,plan" in proc.stdout.splitlines()
+
+
+def test_logs_name_the_silent_phases_and_the_variant_of_a_step() -> None:
+    """``optjob logs`` dropped the phase events: the minute of data preparation and every evaluation
+    read as silence; a compare variant's lines did not say which variant."""
+    from optjob.manager.commands.logs import render_event
+
+    assert render_event({"event": "phase", "phase": "data", "state": "start"}) == "preparing data"
+    assert render_event({"event": "phase", "phase": "step_eval", "state": "start", "index": 1,
+                         "kind": "prune", "variant": "wanda"}) == "evaluating step 1 (prune) of variant wanda"
+    assert render_event({"event": "phase", "phase": "data", "state": "end"}) is None
+    assert render_event({"event": "phase", "phase": "step", "state": "start", "index": 0, "kind": "train"}) is None
+    assert render_event({"event": "step_done", "index": 1, "kind": "prune", "variant": "wanda",
+                         "wall_s": 2.0}) == "1:prune (wanda) done in 2.0s"

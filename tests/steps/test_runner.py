@@ -237,6 +237,8 @@ def test_proxy_spec_keeps_every_step_valid() -> None:
     assert distill.max_steps == 5 and distill.student.layers == 1  # type: ignore[attr-defined]
     assert distill.student.intermediate == 64  # type: ignore[attr-defined]
     assert quantize.group_size == 32 and evaluate.max_batches == 2  # type: ignore[attr-defined]
+    # int4-weight needs CUDA: rehearsed as 4-bit round-to-nearest, which runs on a CPU
+    assert (quantize.method, quantize.bits) == ("rtn", 4)  # type: ignore[attr-defined]
 
 
 def test_proxy_spec_shrinks_every_variant_of_a_compare() -> None:
