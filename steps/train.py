@@ -40,7 +40,7 @@ from . import adapters, dist, fsdp, phases
 from . import checkpoint as ckpt
 from .context import StepContext, StepOutcome, StopRequested
 from .data import IGNORE_INDEX, MaskedCorpus
-from .device import autocast, autocast_dtype, eval_mode, mark_step
+from .device import autocast, autocast_dtype, mark_step
 from .evaluate import eval_loss, perplexity
 
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -95,37 +95,9 @@ def corpus_eval_loss(
     model: nn.Module, corpus: Any, batch_size: int, max_batches: int | None, device: torch.device,
     *, dtype: torch.dtype | None = None,
 ) -> tuple[float, float]:
-    """(loss, accuracy) on the eval split: over every token (``evaluate.eval_loss``), or for a
-    corpus with a loss mask (chat, prompt-completion) over the completion tokens only."""
-    if not getattr(corpus, "masked", False):
-        return eval_loss(model, corpus, batch_size, max_batches, device, dtype=dtype)
-    return masked_eval_loss(model, corpus, batch_size, max_batches, device, dtype=dtype)
-
-
-@torch.no_grad()
-def masked_eval_loss(
-    model: nn.Module, corpus: Any, batch_size: int, max_batches: int | None, device: torch.device,
-    *, dtype: torch.dtype | None = None,
-) -> tuple[float, float]:
-    """``eval_loss`` counting only the targets whose label is not -100."""
-    losses: list[torch.Tensor] = []
-    hits: list[torch.Tensor] = []
-    counts: list[torch.Tensor] = []
-    with eval_mode(model):
-        for batch, labels in zip(corpus.eval_batches(batch_size, max_batches),
-                                 corpus.eval_labels(batch_size, max_batches), strict=True):
-            batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with autocast(device, dtype):
-                logits = model(input_ids=batch[:, :-1], use_cache=False).logits.float()
-            keep = labels != IGNORE
-            losses.append(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                          reduction="sum"))
-            hits.append(((logits.argmax(-1) == labels) & keep).sum())
-            counts.append(keep.sum())
-    count = int(torch.stack(counts).sum()) if counts else 0
-    if count == 0:
-        return float("nan"), float("nan")
-    return float(torch.stack(losses).double().sum()) / count, int(torch.stack(hits).sum()) / count
+    """(loss, accuracy) on the eval split: over every token, or for a corpus with a loss mask (chat,
+    prompt-completion) over the completion tokens only (``evaluate.eval_loss`` does both)."""
+    return eval_loss(model, corpus, batch_size, max_batches, device, dtype=dtype)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -16,8 +16,9 @@ from optjob.specs import JobSpec, SpecError, load_spec
 from optjob.specs.errors import StepError
 from optjob.steps.chat import DEFAULT_CHAT_TEMPLATE, data_format, encode_record
 from optjob.steps.data import IGNORE_INDEX, Corpus, MaskedCorpus, build_corpus, load_text
+from optjob.steps.evaluate import eval_loss
 from optjob.steps.tokenizer import load_tokenizer
-from optjob.steps.train import masked_eval_loss, masked_lm_loss
+from optjob.steps.train import masked_lm_loss
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
 SYSTEM = "Reverse the words."
@@ -159,7 +160,7 @@ def test_masked_eval_counts_only_the_replies(chat_file: Path, shared_cache: Path
     spec = _spec(chat_file)
     corpus, tok = _corpus(spec, shared_cache)
     model = initial_model(spec, tok)
-    loss, acc = masked_eval_loss(model, corpus, 4, None, torch.device("cpu"))
+    loss, acc = eval_loss(model, corpus, 4, None, torch.device("cpu"))
     # By hand: cross-entropy over the reply targets of every eval window.
     total, count = 0.0, 0
     with torch.no_grad():
