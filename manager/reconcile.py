@@ -123,7 +123,8 @@ def _note_billing(store: Store, provider: Provider, attempt: AttemptRow, poll: P
         elif poll.state.is_terminal() and not poll.no_node:
             since = attempt.started_at  # it ran, and nothing says since when: from its launch
         if since is not None:
-            update["billed_from"] = attempt.billed_from = max(attempt.started_at, min(since, now))
+            update["billed_from"] = attempt.billed_from = max(_billing_floor(store, attempt, provider),
+                                                              min(since, now))
     if poll.gone_at is not None and attempt.gone_at is None and (
             poll.state.is_terminal() or poll.state is AttemptState.PREEMPTED):
         floor = attempt.billed_from if attempt.billed_from is not None else attempt.started_at
@@ -133,6 +134,19 @@ def _note_billing(store: Store, provider: Provider, attempt: AttemptRow, poll: P
     if poll.placement is not None or poll.overhead is not None:
         reprice(store, attempt, poll.placement, poll.overhead, pricer or default_pricer(),
                 from_launch=provider.bills_from_launch)
+
+
+def _billing_floor(store: Store, attempt: AttemptRow, provider: Provider) -> float:
+    """The earliest moment the attempt's node time can start: its launch; or, where the provider says
+    when its node came to exist (a SkyPilot run adopted by a manager that came back late, which may
+    have started before this attempt's row), right where the attempt before it stopped billing, so
+    the run's time before this look is billed once, by this attempt."""
+    if provider.bills_from_launch:
+        return attempt.started_at
+    before = [a for a in store.attempts(attempt.job_name, run=attempt.run) if a.number < attempt.number]
+    if before and before[-1].gone_at is not None:
+        return min(attempt.started_at, before[-1].gone_at)
+    return attempt.started_at
 
 
 def _show_unknown(store: Store, job: JobRow, poll: Poll, *, was: str) -> None:

@@ -135,6 +135,14 @@ class ManagedJob:
     launched: Placement | None = None
     #: When the job ended (SkyPilot's ``end_at``; None while it is not over).
     end_at: float | None = None
+    #: When its first run started (SkyPilot's ``start_at``, set with the first ``last_recovered_at``:
+    #: sky/jobs/state.py ``set_started_async``, 0.14.1); None before it ran.
+    start_at: float | None = None
+
+    @property
+    def first_run(self) -> float | None:
+        """The mark of the job's first run (``start_at``), or the current run's when SkyPilot does not say."""
+        return float(self.start_at) if self.start_at is not None and self.start_at > 0 else self.run_mark
 
     @property
     def terminal(self) -> bool:
@@ -335,7 +343,7 @@ class RealSkyClient(SkyClient):
 
     _JOB_FIELDS = ("job_id", "task_id", "job_name", "status", "recovery_count", "last_recovered_at",
                    "failure_reason", "cluster_resources", "cluster_resources_full", "resources", "submitted_at",
-                   "end_at", "cloud", "region", "zone", "accelerators")
+                   "end_at", "start_at", "cloud", "region", "zone", "accelerators")
 
     def reachable(self) -> bool:
         """A health check of the API server; unlike every other call it never starts a local one."""
@@ -442,7 +450,7 @@ class RealSkyClient(SkyClient):
                 if resources.strip() in ("", "-"):
                     resources = str(_field(r, "resources", ""))
                 nodes, spot = _nodes_spot(resources)
-                end_at = _field(r, "end_at")
+                end_at, start_at = _field(r, "end_at"), _field(r, "start_at")
                 out.append(ManagedJob(
                     job_id=int(_field(r, "job_id")), name=str(_field(r, "job_name", "")),
                     status=_value(_field(r, "status", "")),
@@ -450,7 +458,8 @@ class RealSkyClient(SkyClient):
                     last_recovered_at=_field(r, "last_recovered_at"),
                     failure_reason=str(_field(r, "failure_reason", "")), nodes=nodes, spot=spot,
                     submitted_at=_field(r, "submitted_at"), launched=placement_of(r),
-                    end_at=float(end_at) if isinstance(end_at, (int, float)) and end_at > 0 else None))
+                    end_at=float(end_at) if isinstance(end_at, (int, float)) and end_at > 0 else None,
+                    start_at=float(start_at) if isinstance(start_at, (int, float)) and start_at > 0 else None))
             return out
 
         return self._call("list managed jobs", go)

@@ -115,7 +115,7 @@ class ManagedJobs(SkyCalls):
         meter: dict[str, Any] = {"spot": spot, "overhead": self._controller_of(handle, job)}
         if job.terminal:
             meter.update(gone_at=job.end_at, ended_at=job.end_at, placement=job.launched,
-                         node_since=bound if bound is not None else job.run_mark,
+                         node_since=bound if bound is not None else self._first_run(handle, job),
                          no_node=job.run_mark is None and job.launched is None)
             if bound is not None and job.run_mark is not None and job.run_mark != bound:
                 # A later run ended it: ours was over when that one started.
@@ -135,14 +135,26 @@ class ManagedJobs(SkyCalls):
         if bound is None:
             if job.run_mark == handle.data.get("prev_mark"):
                 return Poll(AttemptState.LAUNCHING, detail="recovering from a preemption", no_node=True, **meter)
-            self._bind(handle, job.run_mark)
             bound = job.run_mark
-        elif job.run_mark != bound:
+            if (first := self._first_run(handle, job)) is not None:
+                bound = first
+            self._bind(handle, bound)
+        if job.run_mark != bound:
             meter.update(gone_at=job.run_mark, ended_at=job.run_mark)
             return Poll(AttemptState.PREEMPTED, detail="SkyPilot relaunched it while optjob was not "
                         f"looking (recovery {job.recovery_count})", **meter)
         return Poll(AttemptState.RUNNING, detail=job.status.lower(), nodes=nodes, placement=job.launched,
                     node_since=bound, **meter)
+
+    @staticmethod
+    def _first_run(handle: Handle, job: ManagedJob) -> float | None:
+        """The run an attempt that has not seen one yet is. An attempt that submitted the job is its
+        first run (``start_at``): a manager away from the submission across SkyPilot's recoveries
+        then bills every run since, not only the latest (the runs it never saw are billed as one span,
+        recoveries included, at the price it knows). An adopted attempt is the run after its mark."""
+        if handle.data.get("adopted") or handle.data.get("prev_mark") is not None:
+            return job.run_mark
+        return job.first_run
 
     def _managed_ended(self, handle: Handle, job: ManagedJob, spot: bool, **meter: Any) -> Poll:
         why = f"{job.status.lower()}: {job.failure_reason}".rstrip(": ")

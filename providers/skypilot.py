@@ -318,8 +318,11 @@ class SkyPilotProvider(ManagedJobs):
             if bound is None:
                 if job.status == "RECOVERING" or job.run_mark == handle.data.get("prev_mark"):
                     return "", offset  # the log now shown is the previous attempt's run
-                self._bind(handle, job.run_mark)
-            elif job.run_mark != bound:
+                bound = job.run_mark
+                if (first := self._first_run(handle, job)) is not None:
+                    bound = first  # a fresh attempt is the job's first run, as poll binds it
+                self._bind(handle, bound)
+            if job.run_mark != bound:
                 return "", offset  # the log now shown belongs to another attempt's run
         key = self._log_key(handle)
         cached = self._log_cache.get(key) if key is not None else None

@@ -150,6 +150,37 @@ def test_a_recovery_onto_a_pricier_instance_bills_the_new_price(home: Path, cloc
     assert a1.number == 1 and w.store.spend(NAME, 1, kind="node") == pytest.approx(0.40, rel=1e-3)
 
 
+def test_a_manager_away_across_recoveries_bills_every_run_it_never_saw(home: Path, clock: ManualClock,
+                                                                       pricer: Pricer) -> None:
+    """The manager submits and dies; SkyPilot runs the job, recovers it twice, and the manager looks
+    again three hours later. Attempt 1 is the job's first run (SkyPilot's ``start_at``), so the two runs
+    nobody saw are billed; it used to bind to the latest run and bill one hour of three (and the attempt
+    adopting the current run billed only from its own creation, not from the run's start)."""
+    w = World(home, clock, pricer, SPOT)
+    w.fake.lands_on = CHEAP
+    w.launch()
+    job_id = next(iter(w.fake.managed))
+    w.fake.start(job_id)  # nobody looks from here on
+    first = clock.time()
+    for _ in range(2):
+        clock.advance(HOUR)
+        w.fake.preempt(job_id)
+        w.fake.recover(job_id, onto=CHEAP)
+    latest = clock.time()
+    clock.advance(HOUR)
+    assert w.look(1) is AttemptState.PREEMPTED  # a later run superseded it while nobody looked
+    a1 = w.attempt(1)
+    assert (a1.billed_from, a1.gone_at) == (first, latest)
+    a2 = w.launch()  # adopts the run SkyPilot is on now
+    assert a2.number == 2 and w.fake.count("jobs_launch") == 1
+    w.look(2)
+    assert w.attempt(2).billed_from == latest
+    # Three hours, none lost: the two runs nobody saw at the plan's price (nothing said what they ran on),
+    # the current one from its start at its catalog price.
+    assert w.store.spend(NAME, 1, kind="node") == pytest.approx(2 * 0.50)
+    assert w.store.spend(NAME, 2, kind="node") == pytest.approx(1 * 0.40)
+
+
 def test_pending_time_with_no_node_is_not_billed(home: Path, clock: ManualClock, pricer: Pricer) -> None:
     w = World(home, clock, pricer, SPOT)
     w.fake.lands_on = CHEAP

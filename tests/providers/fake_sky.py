@@ -154,6 +154,7 @@ class FakeManaged:
     cancel_reads: int | None = None  # CANCELLING: reads left before CANCELLED
     launched: Placement | None = None  # the current run's cluster (None: no cluster yet, or not said)
     end_at: float | None = None
+    start_at: float | None = None  # the first run's start (set_started_async sets it with last_recovered_at)
 
     @property
     def task(self) -> str:
@@ -237,6 +238,7 @@ class FakeSky(SkyClient):
         """The managed job's first run starts (``set_started_async``: last_recovered_at = now)."""
         job = self.managed[job_id]
         job.status, job.last_recovered_at = "RUNNING", self._clock()
+        job.start_at = job.last_recovered_at
         job.launched = job.launched or self.lands_on
         return job
 
@@ -461,7 +463,7 @@ class FakeSky(SkyClient):
                 j.status, j.cancel_reads = "CANCELLED", None  # logs collected, cluster terminated
                 j.end_at = self._clock()
         if j.status == "RUNNING" and j.last_recovered_at < 0:
-            j.last_recovered_at = self._clock()  # set_started_async
+            j.last_recovered_at = j.start_at = self._clock()  # set_started_async
         ran = j.last_recovered_at > 0
         spot: bool | None = None
         if ran:
@@ -470,7 +472,7 @@ class FakeSky(SkyClient):
         return ManagedJob(j.job_id, j.name, j.status, j.recovery_count, j.last_recovered_at, j.failure_reason,
                           j.nodes if j.status in ("RUNNING", "WINDING_DOWN", "CANCELLING") else 0, spot,
                           j.submitted_at, launched=j.launched if live else None,  # over: the requested string only
-                          end_at=j.end_at if j.status in MANAGED_TERMINAL else None)
+                          end_at=j.end_at if j.status in MANAGED_TERMINAL else None, start_at=j.start_at)
 
     def managed_jobs(self, job_ids: list[int] | None = None, refresh: bool = False) -> list[ManagedJob]:
         with self.lock:
