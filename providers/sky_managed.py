@@ -133,18 +133,30 @@ class ManagedJobs(SkyCalls):
             return Poll(AttemptState.LAUNCHING, detail=job.status.lower(), placement=job.launched,
                         node_since=self.clock(), nodes=nodes, **meter)
         if bound is None:
-            if job.run_mark == handle.data.get("prev_mark"):
+            bound = self._bound_run(handle, job)
+            if bound is None:  # SkyPilot still shows the previous attempt's run
                 return Poll(AttemptState.LAUNCHING, detail="recovering from a preemption", no_node=True, **meter)
-            bound = job.run_mark
-            if (first := self._first_run(handle, job)) is not None:
-                bound = first
-            self._bind(handle, bound)
         if job.run_mark != bound:
             meter.update(gone_at=job.run_mark, ended_at=job.run_mark)
             return Poll(AttemptState.PREEMPTED, detail="SkyPilot relaunched it while optjob was not "
                         f"looking (recovery {job.recovery_count})", **meter)
         return Poll(AttemptState.RUNNING, detail=job.status.lower(), nodes=nodes, placement=job.launched,
                     node_since=bound, **meter)
+
+    def _bound_run(self, handle: Handle, job: ManagedJob) -> float | None:
+        """The run this attempt is: its recorded mark; else, bound now, the job's first run for an
+        attempt that submitted it or the current run for an adopted one. None while the run SkyPilot
+        shows is still the previous attempt's (recovering, or still at ``prev_mark``)."""
+        bound = self._run_of(handle)
+        if bound is not None:
+            return bound
+        mark = job.run_mark
+        if mark is None or job.status == "RECOVERING" or mark == handle.data.get("prev_mark"):
+            return None
+        if (first := self._first_run(handle, job)) is not None:
+            mark = first
+        self._bind(handle, mark)
+        return mark
 
     @staticmethod
     def _first_run(handle: Handle, job: ManagedJob) -> float | None:

@@ -314,15 +314,8 @@ class SkyPilotProvider(ManagedJobs):
                 return "", offset
             if job is None or job.run_mark is None:
                 return "", offset
-            bound = self._run_of(handle)
-            if bound is None:
-                if job.status == "RECOVERING" or job.run_mark == handle.data.get("prev_mark"):
-                    return "", offset  # the log now shown is the previous attempt's run
-                bound = job.run_mark
-                if (first := self._first_run(handle, job)) is not None:
-                    bound = first  # a fresh attempt is the job's first run, as poll binds it
-                self._bind(handle, bound)
-            if job.run_mark != bound:
+            bound = self._bound_run(handle, job)
+            if bound is None or job.run_mark != bound:
                 return "", offset  # the log now shown belongs to another attempt's run
         key = self._log_key(handle)
         cached = self._log_cache.get(key) if key is not None else None

@@ -14,8 +14,11 @@ optjob is still read. Stdlib and pydantic only (no torch): ``steps.sync`` uses i
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -148,6 +151,31 @@ def _where_what(exc: ValidationError) -> str:
 def warn(message: str) -> None:
     """One line on stderr (the attempt's log): an invalid file is being ignored, and what happens instead."""
     print(f"[optjob] {message}", file=sys.stderr, flush=True)
+
+
+def finished_step(path: Path, mismatch: Callable[[DoneRecord], str | None], label: str, *,
+                  announce: bool) -> dict[str, Any] | None:
+    """The done.json at ``path`` as a dict, when it is a valid record of its step and the model folder
+    it names still exists; None when the step must run (again). ``mismatch``: why a valid record is
+    not this step's (None: it is). An invalid one counts as absent: it is moved aside
+    (``done.json.invalid``) so it is neither read nor uploaded again, and, where ``announce`` (one
+    rank says so), a line says that ``label`` runs again."""
+    try:
+        done = read(DoneRecord, path)
+        if (why := mismatch(done)) is not None:
+            raise InvalidRecord(f"{path}: {why}")
+    except FileNotFoundError:
+        return None
+    except (OSError, InvalidRecord) as exc:
+        if announce:
+            reason = str(exc) if isinstance(exc, InvalidRecord) else f"{path}: {exc.strerror or exc}"
+            warn(f"{reason}; {label} runs again")
+            with contextlib.suppress(OSError):
+                os.replace(path, path.with_name(path.name + ".invalid"))
+        return None
+    if done.output and not Path(done.output).is_dir():
+        return None  # its model is gone: run it again
+    return done.model_dump(mode="json")
 
 
 def checkpoint_problem(folder: Path) -> str | None:

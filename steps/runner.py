@@ -13,7 +13,6 @@ Exit codes: 0 done, 1 failed (after an ``error`` event), 2 bad job file,
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import os
@@ -45,7 +44,7 @@ from .tokenizer import load_tokenizer
 
 __all__ = ["StepOutcome", "main", "preflight", "step_module"]
 
-DONE_FILE = "done.json"
+DONE_FILE = layout.DONE_FILE
 
 
 def step_module(kind: str) -> ModuleType:
@@ -330,24 +329,18 @@ class Job:
         file is moved aside (``done.json.invalid``) so it is neither read nor uploaded again."""
         out: list[dict[str, Any]] = []
         for i, step in enumerate(self.spec.pipeline):
+
+            def mismatch(done: records.DoneRecord, i: int = i, kind: str = step.kind) -> str | None:
+                if (done.index, done.kind) == (i, kind):
+                    return None
+                return f"it records steps[{done.index}] ({done.kind}), not steps[{i}] ({kind})"
+
             path = layout.step_dir(self.job_dir, i, step.kind) / DONE_FILE
-            try:
-                done = records.read(records.DoneRecord, path)
-                if (done.index, done.kind) != (i, step.kind):
-                    raise records.InvalidRecord(f"{path}: it records steps[{done.index}] ({done.kind}), "
-                                                f"not steps[{i}] ({step.kind})")
-            except FileNotFoundError:
+            # every rank reads (rank 0's view wins); one says so
+            done = records.finished_step(path, mismatch, f"steps[{i}] ({step.kind})", announce=dist.is_main())
+            if done is None:
                 break
-            except (OSError, records.InvalidRecord) as exc:
-                if dist.is_main():  # every rank reads (rank 0's view wins); one says so
-                    reason = str(exc) if isinstance(exc, records.InvalidRecord) else f"{path}: {exc.strerror or exc}"
-                    records.warn(f"{reason}; steps[{i}] ({step.kind}) runs again")
-                    with contextlib.suppress(OSError):
-                        os.replace(path, path.with_name(DONE_FILE + ".invalid"))
-                break
-            if done.output and not Path(done.output).is_dir():
-                break  # its model is gone: run it again
-            out.append(done.model_dump(mode="json"))
+            out.append(done)
         return out
 
     def _read_results(self) -> dict[str, Any]:

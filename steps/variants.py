@@ -10,9 +10,7 @@ at the variant and step where it stopped (a training step from its checkpoint)."
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 import shutil
 import sys
 import time
@@ -119,24 +117,19 @@ def done_prefix(job_dir: Path, spec: JobSpec, name: str) -> list[dict[str, Any]]
     at = len(spec.pipeline)
     out: list[dict[str, Any]] = []
     for j, step in enumerate(spec.variants[name]):
-        path = layout.variant_step_dir(job_dir, at, name, j, step.kind) / DONE_FILE
-        try:
-            done = records.read(records.DoneRecord, path)
+
+        def mismatch(done: records.DoneRecord, j: int = j, kind: str = step.kind) -> str | None:
             extra = done.model_extra or {}
-            if (done.index, done.kind, extra.get("variant"), extra.get("variant_step")) != (at, step.kind, name, j):
-                raise records.InvalidRecord(f"{path}: it records another step than variant {name} step {j}")
-        except FileNotFoundError:
+            if (done.index, done.kind, extra.get("variant"), extra.get("variant_step")) == (at, kind, name, j):
+                return None
+            return f"it records another step than variant {name} step {j}"
+
+        path = layout.variant_step_dir(job_dir, at, name, j, step.kind) / DONE_FILE
+        done = records.finished_step(path, mismatch, f"variant {name} step {j} ({step.kind})",
+                                     announce=dist.is_main())
+        if done is None:
             break
-        except (OSError, records.InvalidRecord) as exc:
-            if dist.is_main():
-                reason = str(exc) if isinstance(exc, records.InvalidRecord) else f"{path}: {exc}"
-                records.warn(f"{reason}; variant {name} step {j} ({step.kind}) runs again")
-                with contextlib.suppress(OSError):
-                    os.replace(path, path.with_name(DONE_FILE + ".invalid"))
-            break
-        if done.output and not Path(done.output).is_dir():
-            break
-        out.append(done.model_dump(mode="json"))
+        out.append(done)
     return out
 
 
